@@ -1,0 +1,55 @@
+# Architecture ablations of decoder-only LMs. `make help` lists the targets.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+STUDY ?= full_grid
+ARGS ?=
+PORT ?= 5000
+# Tests default to both cores; CI machines have 2.
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-slow ablate ui report cost bench gpu-check clean
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU torch from local disk first; an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install the project with its test extra (idempotent)
+
+test: $(STAMP) ## Run the test suite (CPU, offline; slow and gpu tests left out)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-slow: $(STAMP) ## Run only the slow tests (extrapolation on real text, long sweeps)
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+ablate: $(STAMP) ## Run a study: make ablate [STUDY=full_grid] [ARGS="..."], then write its report
+	$(BIN)/python -m pipeline.train -m ablation=$(STUDY) $(ARGS)
+	$(BIN)/python -m pipeline.report --study $(STUDY)
+
+report: $(STAMP) ## Rebuild a study's comparison report from MLflow: make report STUDY=name
+	$(BIN)/python -m pipeline.report --study $(STUDY)
+
+ui: $(STAMP) ## MLflow UI on 127.0.0.1:$(PORT) over the same store (honours MLFLOW_TRACKING_URI)
+	$(BIN)/mlflow ui --host 127.0.0.1 --port $(PORT) --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}"
+
+cost: $(STAMP) ## Analytic inference-cost table, no training: make cost ARGS="model=llama"
+	$(BIN)/python -m pipeline.cost $(ARGS)
+
+bench: $(STAMP) ## Step-time benchmark against reference implementations
+	$(BIN)/python -m benchmarks.step_time $(ARGS)
+
+gpu-check: $(STAMP) ## GPU checks in one script (writes results to $$OUT)
+	$(BIN)/python -m pytest -q -m gpu $(PYTEST_ARGS)
+
+clean: ## Remove caches and local stores (keeps .venv)
+	rm -rf outputs multirun reports .cache mlflow.db mlruns mlartifacts optuna.db

@@ -1,0 +1,8 @@
+"""A Hydra sweeper on current Optuna (`hydra/sweeper=optuna`): grid, TPE or any Optuna sampler
+over Hydra's override grammar, a persistent study that resumes, pruning, and failed or invalid
+trials that do not stop the sweep. See docs/sweeps.md."""
+
+from . import config  # noqa: F401  (registers hydra/sweeper=optuna)
+from .sweeper import SweepFailedError, current_trial, last_summary
+
+__all__ = ["SweepFailedError", "current_trial", "last_summary"]

@@ -1,0 +1,50 @@
+"""The sweeper's config, registered as `hydra/sweeper=optuna`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class OptunaSweeperConf:
+    _target_: str = "hydra_plugins.pipeline_optuna_sweeper.sweeper.OptunaSweeper"
+
+    # Search space in Hydra's override grammar, e.g. {"model/pos_enc": "choice(rope,alibi)"};
+    # command-line sweep overrides are added to it (and win on the same key).
+    params: Optional[dict[str, Any]] = None
+
+    # auto (grid when every dimension is discrete, else tpe) | grid | tpe | random |
+    # the class name of any optuna sampler (e.g. CmaEsSampler, QMCSampler).
+    sampler: str = "auto"
+    seed: Optional[int] = None
+    sampler_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    # none | median | hyperband | the class name of any optuna pruner (e.g. PercentilePruner).
+    pruner: str = "none"
+    pruner_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    direction: str = "minimize"
+    # Total trials the study should hold (complete + pruned + failed + skipped); rerunning
+    # the command tops the study up to this. Default: the grid size for grid, else 20.
+    n_trials: Optional[int] = None
+    # Trials asked and launched per batch; >1 only runs in parallel with a parallel launcher.
+    n_jobs: int = 1
+
+    # Any SQLAlchemy URL; default sqlite:///optuna.db in the working directory.
+    storage: Optional[str] = None
+    # Default: the app's `study` key if it has one, else the Hydra job name.
+    study_name: Optional[str] = "${oc.select:study,null}"
+
+    # Dotted path to `fn(cfg: DictConfig) -> None` that raises for a config that cannot run;
+    # such a trial is skipped (told FAIL with a `skipped` reason) before the job launches.
+    validate: Optional[str] = None
+    # Also retry FAIL trials (not just interrupted ones) when the command is rerun.
+    retry_failed: bool = False
+
+
+ConfigStore.instance().store(
+    group="hydra/sweeper", name="optuna", node=OptunaSweeperConf, provider="pipeline_optuna_sweeper"
+)

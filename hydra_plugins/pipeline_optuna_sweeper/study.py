@@ -1,0 +1,150 @@
+"""The persistent study: samplers and pruners by name, trial bookkeeping, resume.
+
+A trial's outcome lives in Optuna's state plus two user attributes:
+    COMPLETE                         finished with a value
+    PRUNED                           stopped early by the pruner
+    FAIL + fail_reason               the job raised, or returned no finite number
+    FAIL + skipped                   the config was invalid; the job never launched
+    FAIL + interrupted               the worker stopped (Ctrl-C, SIGKILL): retried on the next run
+A retry is a new WAITING trial with the same params and the system attribute `retry_of`; the
+trial it replaces is then `superseded` and left out of the counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections import Counter
+from typing import Any
+
+import optuna
+from optuna.samplers import BaseSampler, GridSampler
+from optuna.pruners import BasePruner
+from optuna.trial import FrozenTrial, TrialState, create_trial
+
+from .search_space import SearchSpace
+
+log = logging.getLogger(__name__)
+
+
+def worker() -> str:
+    """Names the process that runs a trial, so a later run can tell a dead worker's trial
+    (its pid gone on this host) from a live one."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+OUTCOMES = ("complete", "pruned", "failed", "skipped")
+
+_SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "cmaes": "CmaEsSampler",
+             "qmc": "QMCSampler", "gp": "GPSampler", "nsgaii": "NSGAIISampler",
+             "bruteforce": "BruteForceSampler"}
+_PRUNERS = {"none": "NopPruner", "median": "MedianPruner", "hyperband": "HyperbandPruner",
+            "percentile": "PercentilePruner", "successive_halving": "SuccessiveHalvingPruner",
+            "threshold": "ThresholdPruner", "patient": "PatientPruner", "wilcoxon": "WilcoxonPruner"}
+
+
+class ExhaustiveGridSampler(GridSampler):
+    """GridSampler whose `after_trial` does not call `study.stop()`.
+
+    GridSampler stops `study.optimize` once the grid is exhausted, but `study.stop()` raises
+    outside `optimize` (we use ask/tell); the sweeper checks `is_exhausted` itself.
+    """
+
+    def after_trial(self, study, trial, state, values) -> None:  # type: ignore[override]
+        pass
+
+
+def make_sampler(name: str, seed: int | None, kwargs: dict[str, Any], space: SearchSpace) -> BaseSampler:
+    if name == "auto":
+        name = "grid" if space.is_discrete else "tpe"
+    if name == "grid":
+        return ExhaustiveGridSampler(space.grid(), seed=seed, **kwargs)
+    cls = _by_name(optuna.samplers, _SAMPLERS.get(name, name), BaseSampler, "sampler",
+                   ["auto", "grid", *_SAMPLERS])
+    if seed is not None:
+        kwargs = {**kwargs, "seed": seed}
+    return cls(**kwargs)
+
+
+def make_pruner(name: str, kwargs: dict[str, Any]) -> BasePruner:
+    cls = _by_name(optuna.pruners, _PRUNERS.get(name, name), BasePruner, "pruner", list(_PRUNERS))
+    return cls(**kwargs)
+
+
+def _by_name(module: Any, name: str, base: type, field: str, short: list[str]) -> Any:
+    cls = getattr(module, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        classes = sorted(n for n in dir(module) if isinstance(getattr(module, n), type)
+                         and issubclass(getattr(module, n), base) and n != base.__name__)
+        raise ValueError(f"hydra.sweeper.{field}={name!r} is not known; valid: {short} "
+                         f"or a class of {module.__name__}: {classes}")
+    return cls
+
+
+def outcome(t: FrozenTrial) -> str:
+    """complete | pruned | failed | skipped | interrupted | running | waiting."""
+    if t.state == TrialState.COMPLETE:
+        return "complete"
+    if t.state == TrialState.PRUNED:
+        return "pruned"
+    if t.state == TrialState.FAIL:
+        if t.user_attrs.get("skipped"):
+            return "skipped"
+        return "interrupted" if t.user_attrs.get("interrupted") else "failed"
+    return t.state.name.lower()
+
+
+def latest_attempts(study: optuna.Study) -> list[FrozenTrial]:
+    """Trials not replaced by a retry: one per grid point (or per sample)."""
+    trials = study.get_trials(deepcopy=False)
+    superseded = {t.system_attrs["retry_of"] for t in trials if "retry_of" in t.system_attrs}
+    return [t for t in trials if t.number not in superseded]
+
+
+def counts(study: optuna.Study) -> Counter[str]:
+    return Counter(outcome(t) for t in latest_attempts(study))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_stale(t: FrozenTrial) -> bool:
+    """A RUNNING trial whose worker process on this host is gone."""
+    host, _, pid = str(t.system_attrs.get("worker", "")).rpartition(":")
+    return host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
+
+
+def mark(study: optuna.Study, trial_id: int, **attrs: Any) -> None:
+    for key, value in attrs.items():
+        study._storage.set_trial_user_attr(trial_id, key, value)
+
+
+def recover(study: optuna.Study, retry_failed: bool) -> None:
+    """Fail the RUNNING trials of dead workers, then queue a retry of every interrupted trial
+    (and, with retry_failed, of every failed or skipped one) that has none yet."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if _is_stale(t):
+            log.warning("trial %d was left RUNNING by a dead worker (%s): failing it, will retry",
+                        t.number, t.system_attrs["worker"])
+            mark(study, t._trial_id, interrupted=True, fail_reason="worker died")
+            study.tell(t.number, state=TrialState.FAIL)
+        else:
+            log.warning("trial %d is RUNNING in a live or remote worker (%s); leaving it alone",
+                        t.number, t.system_attrs.get("worker", "unknown"))
+    retry = {"interrupted", "failed", "skipped"} if retry_failed else {"interrupted"}
+    for t in latest_attempts(study):
+        if outcome(t) in retry:
+            log.info("trial %d (%s) is queued for a retry", t.number, outcome(t))
+            system_attrs = {k: v for k, v in t.system_attrs.items() if k != "worker"}
+            study.add_trial(create_trial(
+                state=TrialState.WAITING, params=t.params, distributions=t.distributions,
+                system_attrs={**system_attrs, "retry_of": t.number},
+            ))

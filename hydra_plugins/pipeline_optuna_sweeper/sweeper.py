@@ -1,0 +1,327 @@
+"""A Hydra sweeper on current Optuna: ask a trial, launch it as a Hydra job, tell the result.
+
+The study is persistent, so rerunning the same command resumes it: finished trials are kept,
+interrupted ones are retried (see study.py), and numbering continues.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import optuna
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import HydraException
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from hydra.utils import get_method
+from omegaconf import DictConfig, OmegaConf, open_dict
+from optuna.trial import Trial, TrialState
+
+from . import search_space, study as study_lib
+from .search_space import SearchSpace
+
+log = logging.getLogger(__name__)
+
+# Trials of the jobs in flight, by Hydra job number: lets code inside an in-process job (the
+# basic launcher) find its trial, e.g. to report intermediate values for pruning.
+_ACTIVE: dict[int, Trial] = {}
+_LAST_SUMMARY: Optional[dict[str, Any]] = None
+
+
+def current_trial() -> Optional[Trial]:
+    """The Optuna trial of the Hydra job running in this process, or None outside a sweep."""
+    if not _ACTIVE:
+        return None
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    num = OmegaConf.select(HydraConfig.get(), "job.num")
+    return _ACTIVE.get(num) if num is not None else None
+
+
+def last_summary() -> Optional[dict[str, Any]]:
+    """The summary of the last sweep in this process (see OptunaSweeper.summary)."""
+    return _LAST_SUMMARY
+
+
+class SweepFailedError(HydraException):
+    """Raised at the end of a sweep in which trials failed, so the exit code is non-zero."""
+
+
+class OptunaSweeper(Sweeper):
+    def __init__(self, params: Optional[dict[str, Any]] = None, sampler: str = "auto",
+                 seed: Optional[int] = None, sampler_kwargs: Optional[dict[str, Any]] = None,
+                 pruner: str = "none", pruner_kwargs: Optional[dict[str, Any]] = None,
+                 direction: str = "minimize", n_trials: Optional[int] = None, n_jobs: int = 1,
+                 storage: Optional[str] = None, study_name: Optional[str] = None,
+                 validate: Optional[str] = None, retry_failed: bool = False) -> None:
+        super().__init__()
+        self.params = {k: _as_override_value(v) for k, v in (params or {}).items()}
+        self.sampler_name, self.seed = sampler, seed
+        self.sampler_kwargs = dict(sampler_kwargs or {})
+        self.pruner_name, self.pruner_kwargs = pruner, dict(pruner_kwargs or {})
+        if direction not in ("minimize", "maximize"):
+            raise ValueError(f"hydra.sweeper.direction={direction!r}; valid: minimize, maximize")
+        self.direction = direction
+        if n_trials is not None and n_trials < 1:
+            raise ValueError(f"hydra.sweeper.n_trials={n_trials}; must be >= 1 (or null)")
+        if n_jobs < 1:
+            raise ValueError(f"hydra.sweeper.n_jobs={n_jobs}; must be >= 1")
+        self.n_trials, self.n_jobs = n_trials, n_jobs
+        self.storage, self.study_name = storage, study_name
+        self.validate: Optional[Callable[[DictConfig], None]] = get_method(validate) if validate else None
+        self.retry_failed = retry_failed
+        self.hydra_context: Optional[HydraContext] = None
+        self.config: Optional[DictConfig] = None
+        self.launcher = None
+        self._job_idx = 0
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
+              config: DictConfig) -> None:
+        from hydra.core.plugins import Plugins
+
+        self.hydra_context, self.config = hydra_context, config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config)
+
+    # -- the sweep -----------------------------------------------------------------------------
+
+    def sweep(self, arguments: list[str]) -> dict[str, Any]:
+        assert self.config is not None and self.hydra_context is not None
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        space = search_space.parse([f"{k}={v}" for k, v in self.params.items()] + arguments, parser)
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+
+        sampler = study_lib.make_sampler(self.sampler_name, self.seed, self.sampler_kwargs, space)
+        is_grid = isinstance(sampler, optuna.samplers.GridSampler)
+        target = self.n_trials or (space.grid_size() if is_grid else 20)
+        study = optuna.create_study(
+            storage=resolve_storage(self.storage), study_name=self.resolve_study_name(),
+            sampler=sampler, pruner=study_lib.make_pruner(self.pruner_name, self.pruner_kwargs),
+            direction=self.direction, load_if_exists=True)
+        study_lib.recover(study, self.retry_failed)
+        log.info("Optuna study %r (%s): %s sampler, %d trials, %d dimensions: %s",
+                 study.study_name, resolve_storage(self.storage), type(sampler).__name__, target,
+                 len(space.dimensions), ", ".join(d.name for d in space.dimensions) or "-")
+
+        progress = _Progress(target)
+        while not self._done(study, sampler, target):
+            batch = self._ask(study, space, progress)
+            if batch:
+                self._run(study, batch, progress)
+
+        summary = self.summary(study, target)
+        global _LAST_SUMMARY
+        _LAST_SUMMARY = summary
+        (sweep_dir / "optuna_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        log.info("\n%s", format_summary(summary))
+        if summary["counts"]["failed"]:
+            # Hydra calls on_multirun_end only when the sweep returns; the callbacks (e.g. the
+            # MLflow parent run) must still see the end of a sweep that ends in an error.
+            self.hydra_context.callbacks.on_multirun_end(config=self.config)
+            raise SweepFailedError(
+                f"{summary['counts']['failed']} of {summary['n_trials']} trials failed "
+                f"(reasons in the log above and in the trials' user attribute fail_reason)")
+        return summary
+
+    def resolve_study_name(self) -> str:
+        assert self.config is not None
+        return self.study_name or str(self.config.hydra.job.name)
+
+    def _done(self, study: optuna.Study, sampler: optuna.samplers.BaseSampler, target: int) -> bool:
+        if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            return False  # queued retries run first
+        if isinstance(sampler, optuna.samplers.GridSampler):
+            # A user-set n_trials may stop a grid early; otherwise every point runs once.
+            if self.n_trials is not None and _n_counted(study) >= self.n_trials:
+                return True
+            return sampler.is_exhausted(study)
+        return _n_counted(study) >= target
+
+    def _ask(self, study: optuna.Study, space: SearchSpace, progress: "_Progress") -> list[tuple[Trial, list[str]]]:
+        """Ask up to n_jobs trials; skip (tell FAIL, `skipped`) those whose config is invalid."""
+        batch = []
+        # Never ask more than the study still needs, so parallel batches add no extra trials.
+        room = max(progress.total - _n_counted(study), 1)
+        for _ in range(min(self.n_jobs, room)):
+            trial = study.ask()
+            study._storage.set_trial_system_attr(trial._trial_id, "worker", study_lib.worker())
+            overrides = space.overrides(space.suggest(trial))
+            trial.set_user_attr("overrides", " ".join(overrides))
+            reason = self._invalid(overrides)
+            if reason is not None:
+                log.warning("trial %d skipped: %s (%s)", trial.number, reason, " ".join(overrides))
+                trial.set_user_attr("skipped", reason)
+                study.tell(trial, state=TrialState.FAIL)
+                progress.update(study, trial.number, "skipped", None, launched=False)
+            else:
+                batch.append((trial, overrides))
+        return batch
+
+    def _invalid(self, overrides: list[str]) -> Optional[str]:
+        """Why this trial's config cannot run, found without launching it; None if it can."""
+        assert self.config is not None and self.hydra_context is not None
+        try:
+            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        except Exception as e:  # e.g. a config-group option that does not exist
+            return f"config does not compose: {e}"
+        if self.validate is None:
+            return None
+        with open_dict(cfg):
+            del cfg["hydra"]
+        try:
+            self.validate(cfg)
+        except Exception as e:
+            return f"{type(e).__name__}: {e}"
+        return None
+
+    def _run(self, study: optuna.Study, batch: list[tuple[Trial, list[str]]], progress: "_Progress") -> None:
+        assert self.launcher is not None
+        first = self._job_idx
+        self._job_idx += len(batch)
+        _ACTIVE.update({first + i: trial for i, (trial, _) in enumerate(batch)})
+        told: set[int] = set()
+        try:
+            for trial, overrides in batch:
+                log.info("trial %d: %s", trial.number, " ".join(overrides))
+            tic = time.perf_counter()
+            results = self.launcher.launch([o for _, o in batch], initial_job_idx=first)
+            elapsed = (time.perf_counter() - tic) / len(batch)
+            for (trial, _), ret in zip(batch, results):
+                state, value = self._tell(study, trial, ret)
+                told.add(trial.number)
+                progress.update(study, trial.number, state, value, launched=True, seconds=elapsed)
+        except BaseException as e:
+            # Ctrl-C, or a launcher error: these trials did not fail on their own, so the
+            # next run retries them.
+            for trial, _ in batch:
+                if trial.number not in told:
+                    trial.set_user_attr("interrupted", True)
+                    trial.set_user_attr("fail_reason", f"interrupted: {type(e).__name__}: {e}"[:1000])
+                    study.tell(trial, state=TrialState.FAIL)
+            raise
+        finally:
+            for i in range(len(batch)):
+                _ACTIVE.pop(first + i, None)
+
+    def _tell(self, study: optuna.Study, trial: Trial, ret: JobReturn) -> tuple[str, Optional[float]]:
+        if ret.status == JobStatus.COMPLETED:
+            value = ret.return_value
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                return self._fail(study, trial, f"the task returned {value!r}, not a number (the objective)")
+            if not math.isfinite(value):
+                return self._fail(study, trial, f"the objective is {value}")
+            study.tell(trial, value)
+            return "complete", value
+        error = ret._return_value
+        if isinstance(error, optuna.TrialPruned):
+            study.tell(trial, state=TrialState.PRUNED)
+            log.info("trial %d pruned: %s", trial.number, error)
+            return "pruned", None
+        log.error("trial %d failed", trial.number, exc_info=error)
+        return self._fail(study, trial, f"{type(error).__name__}: {error}")
+
+    @staticmethod
+    def _fail(study: optuna.Study, trial: Trial, reason: str) -> tuple[str, None]:
+        trial.set_user_attr("fail_reason", reason[:1000])
+        study.tell(trial, state=TrialState.FAIL)
+        log.warning("trial %d FAILED: %s", trial.number, reason)
+        return "failed", None
+
+    # -- the end ------------------------------------------------------------------------------
+
+    def summary(self, study: optuna.Study, target: int) -> dict[str, Any]:
+        trials = study_lib.latest_attempts(study)
+        counts = {k: 0 for k in study_lib.OUTCOMES}
+        counts.update(study_lib.counts(study))
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        best = None
+        if complete:
+            b = min(complete, key=lambda t: t.value) if self.direction == "minimize" else max(complete, key=lambda t: t.value)
+            best = {"number": b.number, "value": b.value, "params": b.params}
+        return {
+            "study": study.study_name, "storage": resolve_storage(self.storage),
+            "direction": self.direction, "n_trials": target, "counts": counts, "best": best,
+            "trials": [{"number": t.number, "outcome": study_lib.outcome(t), "value": t.value,
+                        "params": t.params,
+                        "reason": t.user_attrs.get("skipped") or t.user_attrs.get("fail_reason")}
+                       for t in trials],
+        }
+
+
+def resolve_storage(storage: Optional[str]) -> str:
+    """The storage URL; a relative SQLite path is made absolute against the working directory
+    at launch, so jobs that chdir (hydra.job.chdir=true) still reach the same file."""
+    url = storage or "sqlite:///optuna.db"
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url[len(prefix):].startswith("/") and url[len(prefix):] != ":memory:":
+        url = prefix + os.path.abspath(url[len(prefix):])
+    return url
+
+
+def _n_counted(study: optuna.Study) -> int:
+    c = study_lib.counts(study)
+    return sum(c[k] for k in study_lib.OUTCOMES)
+
+
+def _as_override_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    return "null" if v is None else str(v)
+
+
+class _Progress:
+    """One line per trial: `trial 7/90 complete 3.214 | complete 6 failed 1 ... | ETA 12m`."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.durations: list[float] = []
+
+    def update(self, study: optuna.Study, number: int, state: str, value: Optional[float],
+               launched: bool, seconds: float = 0.0) -> None:
+        if launched:
+            self.durations.append(seconds)
+        c = study_lib.counts(study)
+        done = sum(c[k] for k in study_lib.OUTCOMES)
+        left = max(self.total - done, 0)
+        eta = _hms(left * sum(self.durations) / len(self.durations)) if self.durations else "?"
+        shown = f"{value:.4f}" if value is not None else ""
+        counts = " ".join(f"{k} {c[k]}" for k in study_lib.OUTCOMES)
+        log.info("[sweep %s] trial %d (%d of %d) %s %s | %s | %s left, ETA %s",
+                 study.study_name, number, done, self.total, state, shown, counts, left, eta)
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A plain-text table of the study's trials, then the counts and the best trial."""
+    names = sorted({k for t in summary["trials"] for k in t["params"]})
+    header = ["trial", "outcome", "value", *names, "reason"]
+    rows = [[str(t["number"]), t["outcome"], "" if t["value"] is None else f"{t['value']:.4f}",
+             *[str(t["params"].get(n, "")) for n in names], (t["reason"] or "")[:60]]
+            for t in summary["trials"]]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    c = summary["counts"]
+    lines.append(f"study {summary['study']}: " + ", ".join(f"{c[k]} {k}" for k in study_lib.OUTCOMES))
+    if summary["best"]:
+        b = summary["best"]
+        lines.append(f"best: trial {b['number']} value {b['value']:.4f} {b['params']}")
+    return "\n".join(lines)

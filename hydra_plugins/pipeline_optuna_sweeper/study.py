@@ -106,20 +106,23 @@ def counts(study: optuna.Study) -> Counter[str]:
     return Counter(outcome(t) for t in latest_attempts(study))
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+def worker_dead(worker_id: str) -> bool:
+    """True when `worker_id` (host:pid) names a process on this host that is gone; a worker
+    on another host cannot be checked and counts as alive."""
+    host, _, pid = worker_id.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
         return False
-    except PermissionError:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
         return True
-    return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _is_stale(t: FrozenTrial) -> bool:
-    """A RUNNING trial whose worker process on this host is gone."""
-    host, _, pid = str(t.system_attrs.get("worker", "")).rpartition(":")
-    return host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
+    return worker_dead(str(t.system_attrs.get("worker", "")))
 
 
 def mark(study: optuna.Study, trial_id: int, **attrs: Any) -> None:

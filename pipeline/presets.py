@@ -38,7 +38,7 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     },
     # Mixtral (Jiang et al. 2024): LLaMA with 8 SwiGLU experts, top-2 routing.
     "mixtral": {
-        "pos_enc": {"name": "rope", "theta": 1000000.0},
+        "pos_enc": {"name": "rope", "theta": 10000.0},  # 8x7B: 1e6 at 32k context
         "norm": {"name": "rmsnorm", "placement": "pre", "eps": 1e-5},
         "attention": {"name": "gqa", "n_kv_heads": 2},
         "ffn": {"name": "moe", "n_experts": 8, "top_k": 2, "expert": "swiglu"},

@@ -1,0 +1,160 @@
+"""The study report, built from studies logged into a real SQLite MLflow store."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from _mlflow_study import FACTORS, FAILURE, final_loss, log_grid
+from pipeline.report import build_report, fmt_stat, load_study, main, report_run
+
+GRID_PNGS = {"val_loss_step.png", "val_loss_tokens.png", "extrapolation.png", "pareto.png",
+             "effects.png", "moe_load.png"}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    return f"sqlite:///{root / 'mlflow.db'}", str(root / "artifacts"), root
+
+
+@pytest.fixture(scope="module")
+def grid(store):
+    """2 (pos_enc) x 2 (ffn) x 2 seeds, a failed and a pruned trial, and its report."""
+    uri, artifacts, root = store
+    logged = log_grid(uri, artifacts, "grid")
+    rep = build_report("grid", uri, root / "reports", optuna_storage=f"sqlite:///{root / 'none.db'}")
+    return logged, rep, rep.markdown.read_text()
+
+
+def row_of(md: str, config_id: str) -> str:
+    table = md.split("## Configurations")[1].split("\n## ")[0]
+    (line,) = [ln for ln in table.splitlines() if ln.startswith(f"| {config_id} |")]
+    return line
+
+
+def test_files_written_and_logged_to_the_parent_run(grid, store):
+    logged, rep, _ = grid
+    assert {p.name for p in rep.dir.glob("*.png")} == GRID_PNGS
+    assert rep.html.read_text().count("<img") == len(GRID_PNGS)
+    assert rep.artifact_run_id == logged.parent_id
+    names = {Path(a.path).name for a in MlflowClient(store[0]).list_artifacts(logged.parent_id, "report")}
+    assert names == GRID_PNGS | {"report.md", "report.html"}
+
+
+def test_one_configuration_per_grid_cell_with_logged_values(grid):
+    logged, rep, md = grid
+    assert len(rep.configurations) == 4
+    for c in rep.configurations:
+        assert len(c.trials) == 2
+        ids = {t.run_id for t in c.trials}
+        # the trials pooled are exactly the logged runs of that cell
+        assert ids == {rid for rid, (lv, *_) in logged.runs.items()
+                       if (lv["pos_enc"], lv["ffn"]) == (c.levels["pos_enc"], c.levels["ffn"])}
+        for key in ("val/loss", "val/ppl", "cost/kv_bytes_per_token", "cost/decode_tokens_per_s",
+                    *[f"extrap/ppl_x{f}" for f in FACTORS]):
+            vals = np.array([logged.runs[r][2][key] for r in ids])
+            mean, std, n = c.stat(key)
+            assert n == 2 and mean == pytest.approx(vals.mean()) and std == pytest.approx(vals.std(ddof=1))
+        walls = np.array([logged.runs[r][3] for r in ids])
+        assert c.wall()[0] == pytest.approx(walls.mean(), abs=1e-3)
+        # the table row shows those numbers and names every run averaged
+        row = row_of(md, c.id)
+        assert all(t.run_id[:8] in row for t in c.trials)
+        assert fmt_stat(*c.stat("val/loss")[:2]) in row
+        assert fmt_stat(*c.stat("cost/decode_tokens_per_s")[:2], 1) in row
+    # best first
+    losses = [c.stat("val/loss")[0] for c in rep.configurations]
+    assert losses == sorted(losses)
+    # the per-run table names every run in full
+    assert all(rid in md for rid in logged.runs)
+
+
+def test_factor_effects_recover_the_construction(grid):
+    _, _, md = grid
+
+    def cell(p, f, seed=0):  # seed noise is +-0.01, so the seed mean is the noiseless value
+        lv = {"pos_enc": p, "norm": "layernorm", "attention": "mha", "ffn": f}
+        return (final_loss(lv, 0) + final_loss(lv, 1)) / 2
+
+    rope = np.mean([cell("rope", f) - cell("learned", f) for f in ("gelu", "moe")])
+    moe = np.mean([cell(p, "moe") - cell(p, "gelu") for p in ("learned", "rope")])
+    inter = (cell("rope", "moe") - cell("learned", "moe")) - (cell("rope", "gelu") - cell("learned", "gelu"))
+    assert re.search(rf"\| pos_enc \| rope \| learned \| {rope:+.4f} \[", md)
+    assert re.search(rf"\| ffn \| moe \| gelu \| {moe:+.4f} \[", md)
+    assert re.search(rf"\| pos_enc \| rope vs learned \| ffn \| moe vs gelu \| {inter:+.4f} \[", md)
+
+
+def test_failed_and_pruned_trials_have_their_own_section(grid):
+    logged, rep, md = grid
+    section = md.split("## Failed and pruned trials")[1].split("\n## ")[0]
+    (failed,) = [ln for ln in section.splitlines() if logged.failed_id in ln]
+    assert "failed" in failed and FAILURE in failed
+    (pruned,) = [ln for ln in section.splitlines() if logged.pruned_id in ln]
+    assert "pruned" in pruned and "| 20 |" in pruned  # last validation step before pruning
+    assert all(t.status == "FINISHED" for c in rep.configurations for t in c.trials)
+
+
+def test_moe_section_reads_expert_loads(grid):
+    _, _, md = grid
+    section = md.split("## Mixture-of-experts load")[1].split("\n## ")[0]
+    rows = [ln for ln in section.splitlines() if ln.startswith("| C")]
+    assert len(rows) == 2  # the two moe configurations
+    # layer 0 loads 0.4/0.3/0.2/0.1 -> imbalance 0.4 * 4 = 1.6; layer 1 is even -> 1.0
+    assert all("| 1.60 1.00 |" in r for r in rows)
+
+
+def test_without_a_parent_run_the_report_gets_its_own_run(store):
+    uri, artifacts, root = store
+    logged = log_grid(uri, artifacts, "loose", ffn=("gelu",), failures=False, parent=False)
+    rep = build_report("loose", uri, root / "reports", optuna_storage="sqlite:///" + str(root / "x.db"))
+    client = MlflowClient(uri)
+    run = client.get_run(rep.artifact_run_id)
+    assert run.data.tags["report"] == "true" and run.info.run_name == "report"
+    assert rep.artifact_run_id in rep.markdown.read_text()
+    assert {Path(a.path).name for a in client.list_artifacts(rep.artifact_run_id, "report")} >= {"report.md"}
+    # a rebuild reuses that run, and never counts it as a trial
+    study = load_study(client, "loose", uri)
+    assert report_run(client, study)[0] == rep.artifact_run_id
+    assert {t.run_id for t in study.trials} == set(logged.runs)
+    assert "None: every trial finished." in rep.markdown.read_text()
+
+
+def test_scaling_section_recovers_a_known_compute_multiplier(store):
+    uri, artifacts, root = store
+    k = 2.0  # rope reaches learned's loss with half the compute
+
+    def loss(levels, compute):
+        c = compute * (k if levels["pos_enc"] == "rope" else 1.0)
+        return 2.0 * (c / 1e9) ** -0.3 + 1.0
+
+    log_grid(uri, artifacts, "scaling", ffn=("gelu",), seeds=(0,), sizes=(64, 128, 256, 512),
+             failures=False, loss_of_compute=loss)
+    rep = build_report("scaling", uri, root / "reports", log_artifacts=False,
+                       optuna_storage="sqlite:///" + str(root / "x.db"))
+    md = rep.markdown.read_text()
+    section = md.split("## Scaling")[1].split("\n## ")[0]
+    (rope,) = [ln for ln in section.splitlines() if ln.startswith("| rope")]
+    assert "pos_enc: learned → rope" in rope and f"| {k:.2f}× |" in rope
+    assert (rep.dir / "scaling.png").exists()
+    # model.d_model is a factor of its own: a column in the table and an effect
+    header = next(ln for ln in md.split("## Configurations")[1].splitlines() if ln.startswith("| id"))
+    assert "| model.d_model |" in header
+    assert re.search(r"\| model\.d_model \| 128 \| 64 \| [+-]", md)
+
+
+def test_cli_names_the_experiments_when_the_study_is_missing(store, monkeypatch, tmp_path):
+    uri, _, _ = store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="no MLflow experiment named 'nope'.*grid"):
+        main(["--study", "nope"])
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with pytest.raises(SystemExit, match="no MLflow store at sqlite:///.*mlflow.db"):
+        main(["--study", "grid"])
+    assert not (tmp_path / "mlflow.db").exists()  # a missing store is not created

@@ -1,0 +1,216 @@
+"""ModelConfig validation, presets, GQA cache size and the MoE layer's losses and capacity."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.components import REGISTRIES
+from pipeline.components.ffn import MoE, MoEConfig, SwiGLU, SwiGLUConfig
+from pipeline.model import ConfigError, DecoderLM, ModelConfig
+from pipeline.presets import PRESETS
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: intra-op threads only add contention on shared cores
+    yield
+    torch.set_num_threads(n)
+
+
+def cfg(**kw) -> ModelConfig:
+    base = dict(d_model=32, n_layers=1, n_heads=4, context_length=16, vocab_size=50)
+    return ModelConfig(**{**base, **kw})
+
+
+# -- invalid configurations: each refused with the field, the value and the fix ---------------
+@pytest.mark.parametrize("kw, pattern", [
+    (dict(d_model=30, n_heads=4), r"model\.d_model=30 is not divisible by model\.n_heads=4; choose n_heads from \[1, 2, 3, 5, 6, 10, 15, 30\]"),
+    (dict(attention={"name": "gqa", "n_kv_heads": 3}), r"model\.attention\.n_kv_heads=3 does not divide model\.n_heads=4; choose n_kv_heads from \[1, 2, 4\]"),
+    (dict(d_model=12, n_heads=4, pos_enc={"name": "rope"}), r"rope needs an even head_dim.*d_model=12.*n_heads=4 = 3; change d_model or n_heads"),
+    (dict(ffn={"name": "moe", "n_experts": 2, "top_k": 3}), r"model\.ffn\.top_k=3 > model\.ffn\.n_experts=2; top_k must be between 1 and n_experts"),
+    (dict(ffn={"name": "moe", "capacity_factor": 0.0}), r"model\.ffn\.capacity_factor=0\.0 must be > 0, or null"),
+    (dict(pos_enc={"name": "rope", "thetaa": 1.0}), r"model\.pos_enc\.thetaa is not a setting of pos_enc 'rope'; its settings: name, scale, scaling, theta"),
+    (dict(attention={"name": "mha", "n_kv_heads": 2}), r"model\.attention\.n_kv_heads is not a setting of attention 'mha'"),
+    (dict(norm={"name": "rmsnorm", "placement": "middle"}), r"model\.norm\.placement='middle' is not valid; valid: pre, post"),
+    (dict(attention={"name": "mha", "backend": "flash"}), r"model\.attention\.backend='flash' is not valid; valid: sdpa, math"),
+    (dict(pos_enc="rope"), r"model\.pos_enc must be a mapping with a 'name'"),
+    (dict(pos_enc={"name": "learned", "max_len": 8}), r"model\.pos_enc\.max_len=8 < model\.context_length=16"),
+    (dict(dropout=1.0), r"model\.dropout=1\.0 must be in \[0, 1\)"),
+])
+def test_invalid_config_is_refused(kw, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        cfg(**kw)
+
+
+@pytest.mark.parametrize("family", list(REGISTRIES))
+def test_unknown_component_name_lists_the_valid_ones(family):
+    with pytest.raises(ConfigError) as err:
+        cfg(**{family: {"name": "nonesuch"}})
+    msg = str(err.value)
+    assert f"model.{family}.name='nonesuch'" in msg
+    for name in REGISTRIES[family].names():
+        assert name in msg
+
+
+@pytest.mark.parametrize("key", ["d_model", "n_layers", "n_heads", "context_length", "vocab_size"])
+@pytest.mark.parametrize("value", [0, -4, 2.0])
+def test_non_positive_or_non_integer_sizes_are_refused(key, value):
+    with pytest.raises(ConfigError, match=rf"model\.{key}={value!r} must be a positive integer"):
+        cfg(**{key: value})
+
+
+@pytest.mark.parametrize("kw, key", [
+    (dict(attention={"name": "gqa", "n_kv_heads": 0}), "attention.n_kv_heads"),
+    (dict(ffn={"name": "moe", "n_experts": 0, "top_k": 1}), "ffn.n_experts"),
+    (dict(ffn={"name": "moe", "top_k": 0}), "ffn.top_k"),
+    (dict(ffn={"name": "swiglu", "hidden": -8}), "ffn.hidden"),
+])
+def test_non_positive_component_sizes_are_refused(kw, key):
+    with pytest.raises(ConfigError, match=rf"model\.{key}=-?\d+ must be a positive integer"):
+        cfg(**kw)
+
+
+def test_unknown_model_field_and_preset_are_refused():
+    with pytest.raises(ConfigError, match=r"model\.n_head is not a model setting; valid: .*n_heads"):
+        ModelConfig.from_dict({"n_head": 4})
+    with pytest.raises(ConfigError, match=r"unknown preset 'gpt5'; valid: " + ", ".join(PRESETS)):
+        ModelConfig.from_preset("gpt5")
+
+
+# -- presets -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_builds_with_size_overrides(name):
+    preset = PRESETS[name]
+    full = ModelConfig.from_preset(name)
+    assert full.d_model == preset["d_model"] and full.n_layers == preset["n_layers"]
+    for family in REGISTRIES:
+        for key, value in preset[family].items():
+            assert getattr(getattr(full, family), key) == value, (family, key)
+    small = ModelConfig.from_preset(name, d_model=32, n_layers=1, n_heads=4, vocab_size=50, context_length=16)
+    assert (small.d_model, small.n_layers, small.vocab_size) == (32, 1, 50)  # the overrides landed
+    assert [getattr(small, f).name for f in REGISTRIES] == [preset[f]["name"] for f in REGISTRIES]
+    model = DecoderLM(small).eval()
+    out = model.generate(torch.zeros(2, 3, dtype=torch.long), max_new_tokens=4, temperature=0.0)
+    assert out.shape == (2, 7)
+    assert PRESETS[name] == preset  # presets are data and are never mutated
+
+
+def test_llama_with_alibi_replaces_the_pos_enc_node():
+    c = ModelConfig.from_preset("llama", pos_enc={"name": "alibi"}, d_model=48, n_heads=6, vocab_size=50)
+    assert c.pos_enc.name == "alibi" and not hasattr(c.pos_enc, "theta")  # no stale rope fields
+    assert (c.norm.name, c.attention.name, c.ffn.name, c.n_kv_heads) == ("rmsnorm", "gqa", "swiglu", 2)
+    model = DecoderLM(c).eval()
+    x = torch.randint(0, 50, (2, 10))
+    assert model(x).shape == (2, 10, 50)
+    assert model.pos.bias(10, 10, 0, x.device).shape == (6, 10, 10)
+
+
+def test_same_name_override_merges_into_the_preset_node():
+    c = ModelConfig.from_preset("mixtral", ffn={"top_k": 1}, attention={"n_kv_heads": 1})
+    assert (c.ffn.name, c.ffn.n_experts, c.ffn.top_k) == ("moe", PRESETS["mixtral"]["ffn"]["n_experts"], 1)
+    assert (c.attention.name, c.attention.n_kv_heads) == ("gqa", 1)
+    with pytest.raises(ConfigError, match="top_k=9 > model.ffn.n_experts=8"):
+        ModelConfig.from_preset("mixtral", ffn={"top_k": 9})
+
+
+# -- GQA: the cache holds only the kv heads ----------------------------------------------------
+@pytest.mark.parametrize("attention, n_kv", [({"name": "gqa", "n_kv_heads": 2}, 2),
+                                             ({"name": "gqa", "n_kv_heads": 4}, 4),
+                                             ({"name": "mqa"}, 1)])
+def test_gqa_cache_holds_n_kv_heads_over_n_heads_of_mha_bytes(attention, n_kv):
+    common = dict(d_model=64, n_layers=3, n_heads=8, context_length=16, vocab_size=50, pos_enc={"name": "rope"})
+    mha, gqa = DecoderLM(ModelConfig(**common)), DecoderLM(ModelConfig(**common, attention=attention))
+    B, S = 2, 16
+    mha_cache, gqa_cache = mha.new_cache(B, S), gqa.new_cache(B, S)
+    assert gqa_cache.nbytes() * 8 == mha_cache.nbytes() * n_kv
+    # 2 (k and v) * layers * kv heads * head_dim * bytes, per token
+    assert gqa_cache.nbytes() == B * S * 2 * 3 * n_kv * 8 * 4
+    # ... and a forward pass really stores (B, n_kv, T, head_dim) keys in it.
+    x = torch.randint(0, 50, (B, 5))
+    with torch.no_grad():
+        gqa(x, cache=gqa_cache)
+    assert gqa_cache.keys[0].shape == (B, n_kv, S, 8)
+    assert gqa_cache.keys[0][:, :, :5].abs().sum() > 0 and (gqa_cache.keys[0][:, :, 5:] == 0).all()
+
+
+# -- MoE ---------------------------------------------------------------------------------------
+def moe_layer(**kw) -> MoE:
+    """A d_model=4 MoE whose router is the identity: a token's router logits are the token."""
+    layer = MoE(MoEConfig(**{"n_experts": 4, "top_k": 2, "hidden": 8, **kw}), d_model=4, bias=False)
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.eye(4))
+    return layer
+
+
+def test_moe_losses_equal_the_published_formulas():
+    x = torch.tensor([[2.0, 1.0, 0.0, -1.0],
+                      [0.0, 3.0, 1.0, 0.5],
+                      [1.0, 0.0, 2.5, 2.0]])
+    layer = moe_layer(aux_loss_coef=0.01, z_loss_coef=0.001)
+    layer(x[None])  # (1, 3, 4)
+    s = layer.stats
+    # By hand: softmax rows, top-2 experts per token, f_i over the N*k = 6 assignments.
+    rows = x.tolist()
+    probs = [[math.exp(v) / sum(math.exp(u) for u in r) for v in r] for r in rows]
+    # top-2 by logit: token 0 -> {0, 1}; token 1 -> {1, 2}; token 2 -> {2, 3}
+    f = [1 / 6, 2 / 6, 2 / 6, 1 / 6]
+    P = [sum(p[i] for p in probs) / 3 for i in range(4)]
+    balance = 4 * sum(fi * Pi for fi, Pi in zip(f, P))  # Switch: N_experts * sum_i f_i P_i
+    z = sum(math.log(sum(math.exp(v) for v in r)) ** 2 for r in rows) / 3  # ST-MoE
+    assert s.load.tolist() == pytest.approx(f)
+    assert s.balance.item() == pytest.approx(balance, rel=1e-6)
+    assert s.z.item() == pytest.approx(z, rel=1e-6)
+    assert s.loss.item() == pytest.approx(0.01 * balance + 0.001 * z, rel=1e-6)
+    assert s.dropped.item() == 0
+    # Perfectly uniform routing probabilities give balance exactly 1 (the Switch minimum).
+    layer(torch.zeros(1, 8, 4))
+    assert layer.stats.balance.item() == pytest.approx(1.0)
+
+
+def test_moe_gates_are_renormalized_top_k_probabilities():
+    torch.manual_seed(0)
+    layer = moe_layer(top_k=2)
+    x = torch.tensor([[[2.0, 1.0, 0.0, -1.0]]])
+    p = torch.softmax(x[0, 0], -1)
+    g0, g1 = p[0] / (p[0] + p[1]), p[1] / (p[0] + p[1])  # Mixtral: softmax, top-k, renormalize
+    want = g0 * layer.expert(0, x[0]) + g1 * layer.expert(1, x[0])
+    torch.testing.assert_close(layer(x)[0], want)
+
+
+def test_moe_capacity_drops_are_counted_exactly():
+    # k=1, 6 tokens, 4 experts, capacity_factor 1 -> capacity ceil(1 * 6 * 1 / 4) = 2 per expert.
+    layer = moe_layer(top_k=1, capacity_factor=1.0)
+    experts = [0, 0, 0, 1, 2, 2]  # expert 0 gets 3 tokens: the third (token 2) is dropped
+    x = 5.0 * torch.nn.functional.one_hot(torch.tensor(experts), 4).float()[None]
+    out = layer(x)[0]
+    assert layer.stats.dropped.item() == 1
+    assert (out[2] == 0).all()  # a dropped token passes through the residual only
+    assert (out[[0, 1, 3, 4, 5]].abs().sum(-1) > 0).all()
+    # load counts assignments before the capacity cut, so the balance loss still sees them
+    assert layer.stats.load.tolist() == pytest.approx([3 / 6, 1 / 6, 2 / 6, 0.0])
+
+    # k=2, 4 tokens all routed to experts {0, 1}: capacity ceil(4 * 2 / 4) = 2, so 2 + 2 dropped.
+    layer = moe_layer(top_k=2, capacity_factor=1.0)
+    x = torch.tensor([[3.0, 2.0, 0.0, 0.0]]).repeat(4, 1)[None]
+    layer(x)
+    assert layer.stats.dropped.item() == 4
+    # A larger factor serves everything.
+    layer = moe_layer(top_k=2, capacity_factor=2.0)
+    layer(x)
+    assert layer.stats.dropped.item() == 0
+
+
+def test_moe_with_one_expert_equals_dense_swiglu():
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(n_experts=1, top_k=1, hidden=24), d_model=16, bias=False)
+    dense = SwiGLU(SwiGLUConfig(hidden=24), d_model=16, bias=False)
+    with torch.no_grad():
+        moe.w_in[0].copy_(dense.gate_up.weight)  # [gate; up] in both
+        moe.w_out[0].copy_(dense.down.weight)
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(moe(x), dense(x), atol=1e-6, rtol=1e-5)
+    assert moe.stats.balance.item() == pytest.approx(1.0)  # one expert: f = P = 1

@@ -1,0 +1,101 @@
+"""Per-run evaluation: context extrapolation and inference cost (docs/evaluation.md).
+
+    from pipeline.evaluate import evaluate_run
+    metrics, artifacts = evaluate_run(model, test_tokens, eval_cfg, device, out_dir)
+
+metrics are the `extrap/*` and `cost/*` MLflow metrics of design.md (all floats);
+artifacts the files written under out_dir (extrapolation.png, evaluation.json).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pipeline.evaluate.cost import analytic_cost, cost_metrics, measure_inference
+from pipeline.evaluate.extrapolation import extrapolation, plot_extrapolation
+from pipeline.model import DecoderLM
+
+
+@dataclass
+class DecodeConfig:
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    prompt_tokens: int | None = None  # None: the training context length
+    new_tokens: int = 32
+    repeats: int = 3
+    warmup: int = 1
+
+
+@dataclass
+class EvalConfig:
+    """The `eval` config node (conf/eval/default.yaml)."""
+
+    enabled: bool = True
+    factors: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    max_windows: int = 4
+    batch_tokens: int = 8192
+    sliding: bool = False
+    rope_scaling: list[str] = field(default_factory=list)
+    kv_bytes_per_element: int = 2
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EvalConfig:
+        d = dict(d)
+        _check_keys("eval", d, cls)
+        decode = d.pop("decode", None) or {}
+        _check_keys("eval.decode", decode, DecodeConfig)
+        cfg = cls(**d, decode=DecodeConfig(**decode))
+        for key in ("max_windows", "batch_tokens", "kv_bytes_per_element"):
+            if getattr(cfg, key) < 1:
+                raise ValueError(f"eval.{key}={getattr(cfg, key)} must be a positive integer")
+        return cfg
+
+
+def _check_keys(node: str, d: dict[str, Any], cls: type) -> None:
+    valid = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - valid)
+    if unknown:
+        raise ValueError(f"{node}.{unknown[0]} is not an evaluation setting; valid: {', '.join(sorted(valid))}")
+
+
+def evaluate_run(model: DecoderLM, test_tokens: Tensor, eval_cfg: dict[str, Any], device: torch.device,
+                 out_dir: Path) -> tuple[dict[str, float], list[Path]]:
+    """Score a trained model: extrap/ppl_x{f} over held-out tokens, cost/* analytic and measured."""
+    cfg = EvalConfig.from_dict(eval_cfg)
+    if not cfg.enabled:
+        return {}, []
+    out_dir = Path(out_dir)
+    model = model.to(device)
+    start = time.perf_counter()
+    ppl = extrapolation(model, test_tokens, cfg.factors, cfg.max_windows, cfg.batch_tokens,
+                        cfg.sliding, cfg.rope_scaling)
+    extrap_s = time.perf_counter() - start
+    analytic = analytic_cost(model.cfg, bytes_per_element=cfg.kv_bytes_per_element)
+    d = cfg.decode
+    measured = measure_inference(model, device, d.batch_sizes, d.prompt_tokens, d.new_tokens, d.repeats, d.warmup)
+    cost_s = time.perf_counter() - start - extrap_s
+
+    metrics = {f"extrap/{k}": v for k, v in ppl.items() if k.startswith("ppl")}
+    metrics.update(cost_metrics(analytic, measured))
+    metrics["eval/seconds"] = extrap_s + cost_s
+    c = model.cfg
+    title = f"{c.pos_enc.name} / {c.norm.name} / {c.attention.name} / {c.ffn.name}"
+    png = plot_extrapolation(ppl, cfg.factors, c.context_length, out_dir / "extrapolation.png", title)
+    record = out_dir / "evaluation.json"
+    record.write_text(json.dumps({
+        "metrics": metrics,
+        "protocol": {"eval_tokens": ppl["eval_tokens"], "context_length": c.context_length,
+                     "factors": cfg.factors, "extrapolation_seconds": extrap_s, "cost_seconds": cost_s},
+        "analytic_cost": analytic,
+    }, indent=2))
+    return metrics, [png, record]
+
+
+__all__ = ["EvalConfig", "evaluate_run"]

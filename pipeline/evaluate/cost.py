@@ -1,0 +1,237 @@
+"""Inference cost of a model: analytic (from the config alone) and measured (on a built model).
+
+Analytic counting conventions (the numbers `python -m pipeline.cost` prints and runs log):
+
+- params_total equals `sum(p.numel() for p in DecoderLM(cfg).parameters())` exactly: a tied
+  output head is counted once (it *is* the embedding matrix), and the learned position table
+  is counted at its full size (`pos_enc.max_len`, 8 x context by default), rows never trained
+  included, because that is what the model holds in memory.
+- params_active is params_total minus the experts a token does not visit: an MoE layer with
+  n_experts experts and top_k routing counts top_k experts (and its router). Embedding tables
+  are counted whole in both, as is the convention (Mixtral's "13B active of 47B").
+- flops_per_token is the forward pass at `context_length`, 2 FLOPs per multiply-accumulate, over
+  matrix products only: q/k/v/output projections, the FFN (top_k experts and the router for MoE),
+  the LM head, and attention's QK^T and AV over the *full* T x T score matrix, i.e. 4 * T * d
+  per token and layer. That is what dense kernels compute and what
+  `torch.utils.flop_counter.FlopCounterMode` counts; a causal kernel that skips the masked half
+  (FlashAttention) does about half of the attention term. Embedding lookups, norms, softmax,
+  activations and positional encodings count 0 (they are O(d) per token, not O(d^2)).
+- kv_bytes_per_token = 2 (K and V) * n_layers * n_kv_heads * head_dim * bytes_per_element;
+  the cache of a batch at a context holds batch * context times that.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pipeline.components.ffn import GeluConfig, MoEConfig, SwiGLUConfig, swiglu_hidden
+from pipeline.components.pos_enc import LearnedConfig
+from pipeline.model import DecoderLM, ModelConfig
+
+
+def _norm_params(cfg: ModelConfig) -> int:
+    # LayerNorm: gain (+ bias when the model uses biases); RMSNorm: gain only.
+    return cfg.d_model * (2 if cfg.norm.name == "layernorm" and cfg.bias else 1)
+
+
+def _ffn_hidden(cfg: ModelConfig) -> int:
+    ffn, d = cfg.ffn, cfg.d_model
+    if ffn.hidden is not None:
+        return ffn.hidden
+    gated = isinstance(ffn, SwiGLUConfig) or (isinstance(ffn, MoEConfig) and ffn.expert == "swiglu")
+    return swiglu_hidden(d, ffn.multiple_of) if gated else 4 * d
+
+
+def _mlp_weights(cfg: ModelConfig, gated: bool) -> int:
+    """Weight-matrix entries of one MLP: gated (SwiGLU) has three d x h matrices, GELU two."""
+    return (3 if gated else 2) * cfg.d_model * _ffn_hidden(cfg)
+
+
+def _ffn_counts(cfg: ModelConfig) -> tuple[int, int, int]:
+    """(params, active params, matmul MACs per token) of one FFN layer."""
+    ffn, d = cfg.ffn, cfg.d_model
+    h = _ffn_hidden(cfg)
+    if isinstance(ffn, MoEConfig):
+        # Experts have no biases; the router is d -> n_experts, no bias, run for every token.
+        expert = _mlp_weights(cfg, ffn.expert == "swiglu")
+        router = d * ffn.n_experts
+        return ffn.n_experts * expert + router, ffn.top_k * expert + router, ffn.top_k * expert + router
+    gated = isinstance(ffn, SwiGLUConfig)
+    if not gated and not isinstance(ffn, GeluConfig):
+        raise ValueError(f"analytic_cost does not know ffn '{ffn.name}'; add its counts here")
+    weights = _mlp_weights(cfg, gated)
+    biases = ((2 if gated else 1) * h + d) if cfg.bias else 0
+    return weights + biases, weights + biases, weights
+
+
+def analytic_cost(cfg: ModelConfig, context_length: int | None = None, batch: int = 1,
+                  bytes_per_element: int = 2) -> dict[str, float]:
+    """Parameters, forward FLOPs per token and KV-cache size of `cfg`, without building it.
+
+    context_length: where attention FLOPs and the KV cache are evaluated (default: the training
+    context). bytes_per_element: 2 for bf16/fp16 serving, 4 for fp32.
+    """
+    T = context_length or cfg.context_length
+    d, L, V = cfg.d_model, cfg.n_layers, cfg.vocab_size
+    H, Hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+
+    # Attention: fused qkv projection d -> (H + 2 Hkv) hd, output H hd -> d.
+    qkv_out = d * (H + 2 * Hkv) * hd + H * hd * d
+    attn_params = qkv_out + (((H + 2 * Hkv) * hd + d) if cfg.bias else 0)
+    ffn_params, ffn_active, ffn_macs = _ffn_counts(cfg)
+    layer_params = attn_params + ffn_params + 2 * _norm_params(cfg)
+    layer_active = attn_params + ffn_active + 2 * _norm_params(cfg)
+
+    embed = V * d
+    pos = cfg.pos_enc.max_len * d if isinstance(cfg.pos_enc, LearnedConfig) else 0
+    final_norm = _norm_params(cfg) if cfg.norm.placement == "pre" else 0
+    head = 0 if cfg.tie_embeddings else V * d
+    outer = embed + pos + final_norm + head
+
+    attn_scores_macs = 2 * T * H * hd  # QK^T and AV: one query against T keys, per head
+    macs = L * (qkv_out + attn_scores_macs + ffn_macs) + V * d  # + LM head
+    kv_per_token = 2 * L * Hkv * hd * bytes_per_element
+    return {
+        "params_total": float(outer + L * layer_params),
+        "params_active": float(outer + L * layer_active),
+        "flops_per_token": float(2 * macs),
+        "attn_flops_per_token": float(2 * L * attn_scores_macs),
+        "kv_bytes_per_token": float(kv_per_token),
+        "kv_bytes": float(kv_per_token * T * batch),
+        "context_length": float(T),
+        "batch": float(batch),
+        "bytes_per_element": float(bytes_per_element),
+    }
+
+
+# -- measured --------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def time_generation(model: DecoderLM, prompt: Tensor, new_tokens: int,
+                    use_cache: bool = True) -> tuple[float, float]:
+    """(prefill seconds, decode seconds) of greedy generation of `new_tokens` after `prompt`.
+
+    With use_cache the prompt fills a KV cache and each new token is one forward pass of
+    length 1; without it every step reruns the whole prefix (what the cache exists to avoid).
+    """
+    device = prompt.device
+    B, T = prompt.shape
+    _sync(device)
+    start = time.perf_counter()
+    cache = model.new_cache(B, T + new_tokens) if use_cache else None
+    logits = model(prompt, cache=cache)[:, -1]
+    _sync(device)
+    prefilled = time.perf_counter()
+    seq = prompt
+    for _ in range(new_tokens):
+        nxt = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+        if use_cache:
+            logits = model(nxt, cache=cache)[:, -1]
+        else:
+            seq = torch.cat((seq, nxt), dim=1)
+            logits = model(seq)[:, -1]
+    _sync(device)
+    return prefilled - start, time.perf_counter() - prefilled
+
+
+def peak_memory_bytes(device: torch.device) -> float:
+    """CUDA: peak allocated since the last reset. CPU: the process's peak resident set size."""
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return float(rss if sys.platform == "darwin" else rss * 1024)  # macOS bytes, Linux KiB
+
+
+@torch.no_grad()
+def measure_inference(model: DecoderLM, device: torch.device, batch_sizes: list[int] = (1, 8),
+                      prompt_tokens: int | None = None, new_tokens: int = 32, repeats: int = 3,
+                      warmup: int = 1, seed: int = 0) -> dict[str, float]:
+    """Prefill and cached-decode throughput, median over `repeats` after `warmup` untimed runs.
+
+    Keys: prefill_tokens_per_s / decode_tokens_per_s for the first batch size, with a `_b{B}`
+    suffix for the others, and peak_mem_bytes (see peak_memory_bytes; on CUDA the peak is reset
+    first, so it covers the weights plus these inference runs only).
+    """
+    if repeats < 1:
+        raise ValueError(f"eval.decode.repeats={repeats} must be >= 1")
+    was_training = model.training
+    model.eval()
+    T = prompt_tokens or model.cfg.context_length
+    if isinstance(model.cfg.pos_enc, LearnedConfig) and T + new_tokens > model.cfg.pos_enc.max_len:
+        raise ValueError(
+            f"eval.decode.prompt_tokens + new_tokens = {T + new_tokens} exceeds the learned "
+            f"position table (model.pos_enc.max_len={model.cfg.pos_enc.max_len}); shorten them"
+        )
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, float] = {}
+    for i, B in enumerate(batch_sizes):
+        prompt = torch.randint(model.cfg.vocab_size, (B, T), generator=gen).to(device)
+        for _ in range(warmup):
+            time_generation(model, prompt, new_tokens)
+        runs = [time_generation(model, prompt, new_tokens) for _ in range(repeats)]
+        suffix = "" if i == 0 else f"_b{B}"
+        out[f"prefill_tokens_per_s{suffix}"] = B * T / statistics.median(r[0] for r in runs)
+        out[f"decode_tokens_per_s{suffix}"] = B * new_tokens / statistics.median(r[1] for r in runs)
+    out["peak_mem_bytes"] = peak_memory_bytes(device)
+    model.train(was_training)
+    return out
+
+
+def param_counts(model: DecoderLM) -> int:
+    """What params_total must equal: every parameter tensor once (tied weights count once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def format_table(cost: dict[str, float], title: str = "") -> str:
+    """A human-readable table of analytic_cost's output."""
+
+    def human(x: float, unit: str = "") -> str:
+        for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+            if abs(x) >= scale:
+                return f"{x / scale:.2f} {prefix}{unit}"
+        return f"{x:.0f} {unit}".rstrip()
+
+    def binary(x: float) -> str:
+        for scale, prefix in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+            if x >= scale:
+                return f"{x / scale:.2f} {prefix}"
+        return f"{x:.0f} B"
+
+    T, B = int(cost["context_length"]), int(cost["batch"])
+    rows = [
+        ("params total", human(cost["params_total"]), f"{cost['params_total']:.0f}"),
+        ("params active / token", human(cost["params_active"]), f"{cost['params_active']:.0f}"),
+        (f"forward FLOPs / token @ {T}", human(cost["flops_per_token"], "FLOP"), f"{cost['flops_per_token']:.4g}"),
+        ("  of which attention QK^T, AV", human(cost["attn_flops_per_token"], "FLOP"),
+         f"{cost['attn_flops_per_token'] / cost['flops_per_token']:.1%}"),
+        (f"KV cache / token ({int(cost['bytes_per_element'])} B/elem)", binary(cost["kv_bytes_per_token"]),
+         f"{cost['kv_bytes_per_token']:.0f}"),
+        (f"KV cache @ context {T} x batch {B}", binary(cost["kv_bytes"]), f"{cost['kv_bytes']:.0f}"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    lines = [title] if title else []
+    lines += [f"{name:<{width}}  {value:>14}  {exact:>18}" for name, value, exact in rows]
+    return "\n".join(lines)
+
+
+def cost_metrics(analytic: dict[str, float], measured: dict[str, Any]) -> dict[str, float]:
+    """The `cost/*` MLflow metrics of one run (design.md's schema)."""
+    keys = ("params_total", "params_active", "flops_per_token", "kv_bytes_per_token")
+    out = {f"cost/{k}": float(analytic[k]) for k in keys}
+    out.update({f"cost/{k}": float(v) for k, v in measured.items()})
+    return out

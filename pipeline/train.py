@@ -98,6 +98,8 @@ def run(cfg: DictConfig, spec: RunSpec, overrides: list[str], out_dir: Path,
     from pipeline.plots import plot_loss_curves
     from pipeline.sweep import trial_callbacks
 
+    # Lightning's per-run banners (accelerator, tips) repeat 90 times in a sweep; keep warnings.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = LMDataModule(spec.data, spec.model.context_length, spec.batch_size, seed=cfg.seed,
                       val_batches=spec.val_batches)

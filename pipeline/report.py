@@ -15,6 +15,7 @@ the seeds of one configuration are pooled. Every number in the report names its 
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime as dt
 import html
 import math
@@ -178,18 +179,24 @@ def _varying(trials: Sequence[Trial], keys: Sequence[str]) -> list[str]:
 
 def level_labels(trials: Sequence[Trial]) -> dict[str, dict[str, str]]:
     """run id -> family -> label. The label is the registry name, plus the component's own
-    params that vary between trials of that name (gqa(n_kv_heads=1) vs gqa(n_kv_heads=2))."""
+    params that vary between trials of that name independently of everything else
+    (gqa(n_kv_heads=1) vs gqa(n_kv_heads=2); not a table size that follows context_length)."""
     out: dict[str, dict[str, str]] = defaultdict(dict)
     for f in FAMILIES:
+        mine = f"model.{f}."
         by_name: dict[str, list[Trial]] = defaultdict(list)
         for t in trials:
             by_name[t.component(f)].append(t)
         for name, group in by_name.items():
-            sub = sorted({k for t in group for k in t.params
-                          if k.startswith(f"model.{f}.") and k != f"model.{f}.name"})
-            varying = _varying(group, sub)
+            sub = sorted({k for t in group for k in t.params if k.startswith(mine)} - {mine + "name"})
+            outer = sorted({k for t in group for k in t.params
+                            if not k.startswith(mine) and not is_run_specific(k)})
+            context = {t.run_id: tuple(t.params.get(k) for k in outer) for t in group}
+            labelled = [k for k in _varying(group, sub)
+                        if len({(context[t.run_id], t.params.get(k)) for t in group})
+                        > len(set(context.values()))]
             for t in group:
-                extra = ",".join(f"{k.rsplit('.', 1)[1]}={t.params.get(k, '-')}" for k in varying)
+                extra = ",".join(f"{k[len(mine):]}={t.params.get(k, '-')}" for k in labelled)
                 out[t.run_id][f] = f"{name}({extra})" if extra else name
     return out
 
@@ -225,27 +232,49 @@ def registry_order(family: str, levels: Sequence[str]) -> list[str]:
         names = REGISTRIES[family].names()
         return sorted(levels, key=lambda lvl: (names.index(lvl.split("(")[0])
                                                if lvl.split("(")[0] in names else len(names), lvl))
-    try:
-        return sorted(levels, key=float)
+    try:  # numbers (a grouped factor sorts on its first param)
+        return sorted(levels, key=lambda lvl: float(lvl.split(" / ")[0]))
     except ValueError:
         return sorted(levels)
+
+
+def level_of(c: Configuration, factor: str) -> str:
+    """A configuration's level of a factor; a grouped factor joins its params' values."""
+    return c.levels[factor] if factor in c.levels else " / ".join(
+        c.levels[k] for k in factor.split(" / "))
+
+
+def group_extra(configs: Sequence[Configuration], extra: Sequence[str]) -> list[str]:
+    """Extra params that determine each other one-to-one form one factor (a size preset sets
+    d_model, n_layers, n_heads and context_length together): 'model.d_model / model.n_layers'."""
+    groups: list[list[str]] = []
+    for k in extra:
+        for g in groups:
+            pairs = {(tuple(c.levels[x] for x in g), c.levels[k]) for c in configs}
+            if len(pairs) == len({a for a, _ in pairs}) == len({b for _, b in pairs}):
+                g.append(k)
+                break
+        else:
+            groups.append([k])
+    return [" / ".join(g) for g in groups]
 
 
 def factors_and_levels(configs: Sequence[Configuration], extra: Sequence[str],
                        reference: dict[str, str]) -> tuple[list[str], dict[str, list[str]],
                                                            dict[str, str]]:
-    """Factors = families and extra params with 2+ levels (extra params determined by the
-    components, e.g. a derived hidden size, are not factors of their own)."""
-    levels = {f: registry_order(f, list({c.levels[f] for c in configs}))
-              for f in (*FAMILIES, *extra)}
-    arch_of: dict[str, set] = defaultdict(set)
-    for f in extra:
+    """Factors = families and (grouped) extra params with 2+ levels; extra params that follow
+    from the components (a preset's bias flag) are columns, not factors."""
+    candidates = [*FAMILIES, *group_extra(configs, extra)]
+    levels = {f: registry_order(f, list({level_of(c, f) for c in configs})) for f in candidates}
+
+    def follows_components(f: str) -> bool:
         by_arch: dict[tuple, set] = defaultdict(set)
         for c in configs:
-            by_arch[c.arch].add(c.levels[f])
-        arch_of[f] = {len(v) for v in by_arch.values()}
-    factors = [f for f in (*FAMILIES, *extra) if len(levels[f]) > 1
-               and (f in FAMILIES or max(arch_of[f]) > 1)]
+            by_arch[c.arch].add(level_of(c, f))
+        return all(len(v) == 1 for v in by_arch.values())
+
+    factors = [f for f in candidates if len(levels[f]) > 1
+               and (f in FAMILIES or not follows_components(f))]
     ref = {}
     for f in factors:
         want = reference.get(f, BASELINE.get(f))
@@ -262,7 +291,7 @@ def factorial(configs: Sequence[Configuration], factors: Sequence[str],
               transform=lambda v: v) -> Factorial:
     cells: dict[tuple, list[float]] = defaultdict(list)
     for c in configs:
-        cells[tuple(c.levels[f] for f in factors)].extend(transform(c.values(key)).tolist())
+        cells[tuple(level_of(c, f) for f in factors)].extend(transform(c.values(key)).tolist())
     return Factorial(factors, cells, {f: levels[f] for f in factors}, ref)
 
 
@@ -271,7 +300,8 @@ def factorial(configs: Sequence[Configuration], factors: Sequence[str],
 
 
 class Doc:
-    def __init__(self) -> None:
+    def __init__(self, root: Path) -> None:
+        self.root = root  # where the images are
         self.blocks: list[tuple] = []
 
     def h(self, level: int, text: str) -> None:
@@ -330,24 +360,28 @@ class Doc:
                 body = "".join("<tr>" + "".join(f"<td>{self._inline(c)}</td>" for c in r)
                                + "</tr>" for r in b[2])
                 out.append(f"<table><tr>{head}</tr>{body}</table>")
-            elif b[0] == "img":
-                out.append(f"<p><img src='{html.escape(b[1])}' alt='{html.escape(b[2])}'></p>")
+            elif b[0] == "img":  # inlined, so the page is whole wherever it is opened
+                data = base64.b64encode((self.root / b[1]).read_bytes()).decode()
+                out.append(f"<p><img src='data:image/png;base64,{data}' "
+                           f"alt='{html.escape(b[2])}'></p>")
         return "\n".join(out) + "</body></html>\n"
 
 
 def fmt(x: float, digits: int = 4) -> str:
-    """Fixed decimals for losses; integers exactly; otherwise 4 significant digits."""
+    """Counts (integral, >= 100) exactly with thousands separators; else `digits` decimals
+    below 1000 and none above."""
     if x is None or not math.isfinite(x):
         return "—"
-    if float(x).is_integer() and abs(x) >= 1000:
+    if float(x).is_integer() and abs(x) >= 100:
         return f"{int(x):,}"
     return f"{x:.{digits}f}" if abs(x) < 1000 else f"{x:,.0f}"
 
 
 def fmt_stat(mean: float, std: float, digits: int = 4) -> str:
+    """mean ± std; the std is left out when there is one seed or the seeds agree exactly."""
     if not math.isfinite(mean):
         return "—"
-    return fmt(mean, digits) + (f" ± {fmt(std, digits)}" if math.isfinite(std) else "")
+    return fmt(mean, digits) + (f" ± {fmt(std, digits)}" if math.isfinite(std) and std > 0 else "")
 
 
 def fmt_ci(e) -> str:
@@ -698,7 +732,7 @@ def build_report(study_name: str, tracking_uri: str | None = None, out: str | Pa
     factors_x = extrap_factors(configs)
     n_failed = sum(t.status == "FAILED" for t in study.trials)
     n_pruned = sum(t.tags.get("pruned") == "true" for t in study.trials)
-    doc = Doc()
+    doc = Doc(out_dir)
     doc.h(1, f"Study `{study_name}`")
     doc.p(f"Read from MLflow `{uri}`, experiment `{study_name}` (id {study.experiment_id})"
           + (f", parent run `{study.parent_run_id}`." if study.parent_run_id else ".") + note

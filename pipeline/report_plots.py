@@ -99,7 +99,7 @@ def pareto(panels: Sequence[tuple[str, bool, Mapping[str, tuple[float, float]]]]
         front = pareto_front(xy, x_low)
         if front:
             ax.plot([xy[i][0] for i in front], [xy[i][1] for i in front], "k--", lw=1,
-                    drawstyle="steps-post" if x_low else "steps-pre", label="Pareto front")
+                    drawstyle="steps-post", label="Pareto front")
             ax.legend(fontsize=7, frameon=False)
         ax.set(xlabel=xlabel + (" (lower is better)" if x_low else " (higher is better)"),
                ylabel="final val loss")
@@ -128,7 +128,7 @@ def effects_forest(rows: Sequence[tuple[str, float, float, float]], xlabel: str,
 def moe_load(loads: Mapping[str, np.ndarray], path: Path) -> Path:
     """Heatmap per MoE configuration: fraction of routing assignments, layer x expert."""
     n = len(loads)
-    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.2), squeeze=False, layout="constrained")
     for ax, (label, m) in zip(axes[0], loads.items()):
         im = ax.imshow(m, aspect="auto", cmap="viridis", vmin=0)
         ax.set(title=label, xlabel="expert", ylabel="layer")

@@ -53,7 +53,7 @@ def log_run(client: MlflowClient, exp_id: str, parent_id: str | None, study: str
     if parent_id:
         tags["mlflow.parentRunId"] = parent_id
     run = client.create_run(exp_id, start_time=start, tags=tags,
-                            run_name=f"{levels['pos_enc']}-{levels['ffn']}-s{seed}")
+                            run_name="-".join(levels.values()) + f"-d{d_model}-s{seed}")
     rid = run.info.run_id
     n_kv = {"mha": "4", "gqa": "2", "mqa": "1"}[levels["attention"]]
     params = {

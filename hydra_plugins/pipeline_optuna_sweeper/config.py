@@ -38,6 +38,11 @@ class OptunaSweeperConf:
     # Default: the app's `study` key if it has one, else the Hydra job name.
     study_name: Optional[str] = "${oc.select:study,null}"
 
+    # Dimensions to enumerate rather than sample: one study per combination of their values,
+    # named <study_name>/<key>=<value>,..., each with its own sampler and n_trials, e.g.
+    # per: [model] tunes the learning rate separately for every architecture.
+    per: list[str] = field(default_factory=list)
+
     # Dotted path to `fn(cfg: DictConfig) -> None` that raises for a config that cannot run;
     # such a trial is skipped (told FAIL with a `skipped` reason) before the job launches.
     validate: Optional[str] = None

@@ -12,6 +12,7 @@ trial it replaces is then `superseded` and left out of the counts.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
@@ -45,11 +46,15 @@ _PRUNERS = {"none": "NopPruner", "median": "MedianPruner", "hyperband": "Hyperba
 
 
 class ExhaustiveGridSampler(GridSampler):
-    """GridSampler whose `after_trial` does not call `study.stop()`.
+    """GridSampler that (1) without a seed visits the grid in order: the cartesian product of
+    the dimensions sorted by name, each in its declared order (GridSampler always shuffles),
+    and (2) does not call `study.stop()` in `after_trial`: that raises outside
+    `study.optimize` (we ask and tell); the sweeper checks `is_exhausted` itself."""
 
-    GridSampler stops `study.optimize` once the grid is exhausted, but `study.stop()` raises
-    outside `optimize` (we use ask/tell); the sweeper checks `is_exhausted` itself.
-    """
+    def __init__(self, search_space: dict[str, list[Any]], seed: int | None = None) -> None:
+        super().__init__(search_space, seed=seed)
+        if seed is None:  # GridSampler keeps its points in _all_grids, indexed by grid_id
+            self._all_grids = list(itertools.product(*self._search_space.values()))
 
     def after_trial(self, study, trial, state, values) -> None:  # type: ignore[override]
         pass

@@ -6,6 +6,7 @@ interrupted ones are retried (see study.py), and numbering continues.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -16,6 +17,7 @@ from typing import Any, Callable, Optional
 
 import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import HydraException
 from hydra.plugins.sweeper import Sweeper
@@ -62,7 +64,8 @@ class OptunaSweeper(Sweeper):
                  pruner: str = "none", pruner_kwargs: Optional[dict[str, Any]] = None,
                  direction: str = "minimize", n_trials: Optional[int] = None, n_jobs: int = 1,
                  storage: Optional[str] = None, study_name: Optional[str] = None,
-                 validate: Optional[str] = None, retry_failed: bool = False) -> None:
+                 validate: Optional[str] = None, retry_failed: bool = False,
+                 per: Optional[list[str]] = None) -> None:
         super().__init__()
         self.params = {k: _as_override_value(v) for k, v in (params or {}).items()}
         self.sampler_name, self.seed = sampler, seed
@@ -79,6 +82,7 @@ class OptunaSweeper(Sweeper):
         self.storage, self.study_name = storage, study_name
         self.validate: Optional[Callable[[DictConfig], None]] = get_method(validate) if validate else None
         self.retry_failed = retry_failed
+        self.per = list(per or [])
         self.hydra_context: Optional[HydraContext] = None
         self.config: Optional[DictConfig] = None
         self.launcher = None
@@ -102,25 +106,8 @@ class OptunaSweeper(Sweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
 
-        sampler = study_lib.make_sampler(self.sampler_name, self.seed, self.sampler_kwargs, space)
-        is_grid = isinstance(sampler, optuna.samplers.GridSampler)
-        target = self.n_trials or (space.grid_size() if is_grid else 20)
-        study = optuna.create_study(
-            storage=resolve_storage(self.storage), study_name=self.resolve_study_name(),
-            sampler=sampler, pruner=study_lib.make_pruner(self.pruner_name, self.pruner_kwargs),
-            direction=self.direction, load_if_exists=True)
-        study_lib.recover(study, self.retry_failed)
-        log.info("Optuna study %r (%s): %s sampler, %d trials, %d dimensions: %s",
-                 study.study_name, resolve_storage(self.storage), type(sampler).__name__, target,
-                 len(space.dimensions), ", ".join(d.name for d in space.dimensions) or "-")
-
-        progress = _Progress(target)
-        while not self._done(study, sampler, target):
-            batch = self._ask(study, space, progress)
-            if batch:
-                self._run(study, batch, progress)
-
-        summary = self.summary(study, target)
+        summaries = [self._optimize(name, sub) for name, sub in self._studies(space)]
+        summary = merge_summaries(self.resolve_study_name(), summaries)
         global _LAST_SUMMARY
         _LAST_SUMMARY = summary
         (sweep_dir / "optuna_summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -133,6 +120,44 @@ class OptunaSweeper(Sweeper):
                 f"{summary['counts']['failed']} of {summary['n_trials']} trials failed "
                 f"(reasons in the log above and in the trials' user attribute fail_reason)")
         return summary
+
+    def _studies(self, space: SearchSpace) -> list[tuple[str, SearchSpace]]:
+        """One (study name, search space) per combination of the `per` dimensions."""
+        name = self.resolve_study_name()
+        per = [d for d in space.dimensions if d.name in self.per]
+        missing = sorted(set(self.per) - {d.name for d in per})
+        if missing:
+            raise ValueError(f"hydra.sweeper.per names {missing}, which are not swept; "
+                             f"swept: {[d.name for d in space.dimensions]}")
+        if any(d.grid is None for d in per):
+            raise ValueError("hydra.sweeper.per needs discrete dimensions (choice, range, a,b)")
+        inner = [d for d in space.dimensions if d.name not in self.per]
+        out = []
+        for values in itertools.product(*(d.grid for d in per)):  # type: ignore[misc]
+            fixed = [f"{d.name}={Override._get_value_element_as_str(v)}" for d, v in zip(per, values)]
+            label = ",".join(o for o in fixed)
+            out.append((f"{name}/{label}" if per else name, SearchSpace(inner, fixed + space.fixed)))
+        return out
+
+    def _optimize(self, study_name: str, space: SearchSpace) -> dict[str, Any]:
+        """Run (or resume) one study until it holds its trials; return its summary."""
+        sampler = study_lib.make_sampler(self.sampler_name, self.seed, self.sampler_kwargs, space)
+        is_grid = isinstance(sampler, optuna.samplers.GridSampler)
+        target = self.n_trials or (space.grid_size() if is_grid else 20)
+        study = optuna.create_study(
+            storage=resolve_storage(self.storage), study_name=study_name, sampler=sampler,
+            pruner=study_lib.make_pruner(self.pruner_name, self.pruner_kwargs),
+            direction=self.direction, load_if_exists=True)
+        study_lib.recover(study, self.retry_failed)
+        log.info("Optuna study %r (%s): %s, %d trials, dimensions: %s", study.study_name,
+                 resolve_storage(self.storage), type(sampler).__name__, target,
+                 ", ".join(d.name for d in space.dimensions) or "-")
+        progress = _Progress(target)
+        while not self._done(study, sampler, target):
+            batch = self._ask(study, space, progress)
+            if batch:
+                self._run(study, batch, progress)
+        return self.summary(study, target)
 
     def resolve_study_name(self) -> str:
         assert self.config is not None
@@ -310,8 +335,28 @@ def _hms(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def merge_summaries(name: str, studies: list[dict[str, Any]]) -> dict[str, Any]:
+    """One summary over the studies of a sweep (one study unless `per` is set)."""
+    if len(studies) == 1:
+        return {**studies[0], "studies": studies}
+    counts = {k: sum(s["counts"][k] for s in studies) for k in study_lib.OUTCOMES}
+    bests = [s["best"] | {"study": s["study"]} for s in studies if s["best"]]
+    best = None
+    if bests:
+        pick = min if studies[0]["direction"] == "minimize" else max
+        best = pick(bests, key=lambda b: b["value"])
+    return {"study": name, "storage": studies[0]["storage"], "direction": studies[0]["direction"],
+            "n_trials": sum(s["n_trials"] for s in studies), "counts": counts, "best": best,
+            "trials": [t | {"study": s["study"]} for s in studies for t in s["trials"]],
+            "studies": studies}
+
+
 def format_summary(summary: dict[str, Any]) -> str:
-    """A plain-text table of the study's trials, then the counts and the best trial."""
+    """Per study: a plain-text table of its trials, its counts and its best trial."""
+    return "\n\n".join(_format_study(s) for s in summary.get("studies", [summary]))
+
+
+def _format_study(summary: dict[str, Any]) -> str:
     names = sorted({k for t in summary["trials"] for k in t["params"]})
     header = ["trial", "outcome", "value", *names, "reason"]
     rows = [[str(t["number"]), t["outcome"], "" if t["value"] is None else f"{t['value']:.4f}",

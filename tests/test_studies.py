@@ -1,0 +1,107 @@
+"""Every study file in ablations/ composes, on both budgets, and its search space parses."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf, open_dict
+
+from hydra_plugins.pipeline_optuna_sweeper import search_space
+from hydra_plugins.pipeline_optuna_sweeper.sweeper import OptunaSweeper
+from pipeline.train import validate_config
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDIES = sorted(p.stem for p in (ROOT / "ablations").glob("*.yaml"))
+
+
+def _compose(overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # for ${hydra:runtime.choices.budget}
+    return cfg
+
+
+def _sweep(study: str, budget: str):
+    """The study's composed config and its search space (one study: `per` is enumerated)."""
+    cfg = _compose([f"ablation={study}", f"budget={budget}"])
+    sweeper = OmegaConf.to_container(cfg.hydra.sweeper, resolve=True)
+    params = [f"{k}={v}" for k, v in sweeper["params"].items()]
+    return cfg, sweeper, search_space.parse(params, OverridesParser.create())
+
+
+def test_every_study_is_tested():
+    assert {"full_grid", "gpt_to_llama", "extrapolation", "moe_vs_dense", "tune_lr", "scaling"} <= set(STUDIES)
+
+
+@pytest.mark.parametrize("budget", ["cpu", "gpu"])
+@pytest.mark.parametrize("study", STUDIES)
+def test_study_composes_and_parses(study, budget):
+    cfg, sweeper, space = _sweep(study, budget)
+    assert cfg.study == study
+    assert sweeper["_target_"] == f"{OptunaSweeper.__module__}.OptunaSweeper"
+    assert space.dimensions, "a study sweeps something"
+    seeds = next(d for d in space.dimensions if d.name == "seed")
+    assert len(seeds.grid) >= (1 if budget == "cpu" and study == "full_grid" else 2)
+    per = set(sweeper.get("per") or [])
+    assert per <= {d.name for d in space.dimensions}
+    if sweeper["sampler"] == "grid":
+        assert space.is_discrete
+
+
+@pytest.mark.parametrize("study", STUDIES)
+def test_every_grid_point_composes(study, tmp_path):
+    """Each trial's overrides compose with the study and pass the run's validation, without
+    training: what the sweeper does before launching a trial."""
+    cfg, sweeper, space = _sweep(study, "cpu")
+    discrete = [d for d in space.dimensions if d.grid is not None]
+    import itertools
+
+    points = list(itertools.product(*(d.grid for d in discrete)))
+    for values in points[:: max(1, len(points) // 4)]:  # a spread of points, fast
+        point = [f"{d.name}={v}" for d, v in zip(discrete, values)]
+        trial = _compose([f"ablation={study}", "budget=cpu", *point])
+        with open_dict(trial):
+            del trial["hydra"]
+        validate_config(trial)
+
+
+def test_full_grid_has_90_points_on_cpu_and_180_on_gpu():
+    assert _sweep("full_grid", "cpu")[2].grid_size() == 90
+    assert _sweep("full_grid", "gpu")[2].grid_size() == 180
+
+
+def test_gpt_to_llama_changes_one_component_per_step():
+    _, _, space = _sweep("gpt_to_llama", "cpu")
+    steps = next(d for d in space.dimensions if d.name == "ablation/gpt_to_llama").grid
+    components = []
+    for step in steps[:-1]:  # the last step is the llama preset itself
+        m = _compose(["ablation=gpt_to_llama", f"ablation/gpt_to_llama={step}"]).model
+        components.append((m.pos_enc.name, m.norm.name, m.ffn.name, m.attention.name))
+    assert components[0] == ("learned", "layernorm", "gelu", "mha")
+    assert components[-1] == ("rope", "rmsnorm", "swiglu", "gqa")
+    for a, b in zip(components, components[1:]):
+        assert sum(x != y for x, y in zip(a, b)) == 1, (a, b)
+
+
+def test_moe_vs_dense_matches_active_and_total_ffn_width():
+    def ffn(arm: str):
+        m = _compose(["ablation=moe_vs_dense", f"ablation/moe_vs_dense={arm}"]).model.ffn
+        return OmegaConf.to_container(m, resolve=True)
+
+    dense, moe, total = ffn("dense"), ffn("moe"), ffn("dense_equal_total")
+    assert moe["name"] == "moe" and dense["name"] == total["name"] == "swiglu"
+    assert moe["top_k"] * moe["hidden"] == dense["hidden"]  # equal active
+    assert moe["n_experts"] * moe["hidden"] == total["hidden"]  # equal total
+
+
+def test_scaling_sizes_grow():
+    widths = [_compose(["ablation=scaling", f"size={s}"]).model.d_model for s in ("small", "medium", "large")]
+    assert widths == sorted(widths) and len(set(widths)) == 3
+    assert math.prod(len(d.grid) for d in _sweep("scaling", "cpu")[2].dimensions) >= 3 * 3 * 2

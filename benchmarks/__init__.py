@@ -1,0 +1,1 @@
+"""Benchmarks (`make bench`): step time against reference implementations."""

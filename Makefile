@@ -33,8 +33,9 @@ test-slow: $(STAMP) ## Run only the slow tests (extrapolation on real text, long
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
 ablate: $(STAMP) ## Run a study: make ablate [STUDY=full_grid] [ARGS="..."], then write its report
-	$(BIN)/python -m pipeline.train -m ablation=$(STUDY) $(ARGS)
-	$(BIN)/python -m pipeline.report --study $(STUDY)
+	@# The report is written even when some trials failed; make then exits with the sweep's status.
+	$(BIN)/python -m pipeline.train -m ablation=$(STUDY) $(ARGS); status=$$?; \
+	$(BIN)/python -m pipeline.report --study $(STUDY) && exit $$status
 
 report: $(STAMP) ## Rebuild a study's comparison report from MLflow: make report STUDY=name
 	$(BIN)/python -m pipeline.report --study $(STUDY)

@@ -234,19 +234,20 @@ def test_pipeline_trial_failures_and_invalid_points(tmp_path):
     trials = {(t.params["model.attention.n_kv_heads"], t.params["trainer.accelerator"]): t
               for t in _study(tmp_path, "fails").trials}
     assert trials[(1, "cpu")].state == TrialState.COMPLETE
-    assert "tpu" in trials[(1, "tpu")].user_attrs["fail_reason"].lower()
+    assert "xla" in trials[(1, "tpu")].user_attrs["fail_reason"]  # no TPU runtime here
     for acc in ("cpu", "tpu"):
         assert "n_kv_heads" in trials[(3, acc)].user_attrs["skipped"]
     parents, children = _runs(tmp_path, "fails")
     assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED"]  # none for skipped
     failed = next(c for c in children if c.info.status == "FAILED")
-    assert "tpu" in failed.data.tags["failure_reason"].lower()
+    assert "xla" in failed.data.tags["failure_reason"]
     (parent,) = parents
     assert parent.info.status == "FINISHED"
     assert {k: parent.data.metrics[f"sweep/{k}"] for k in ("complete", "failed", "skipped")} == {
         "complete": 1, "failed": 1, "skipped": 2}
 
 
+@pytest.mark.slow  # ~3 training runs; the pruner itself is covered fast on the toy app
 def test_pruning_callback_prunes_a_run_that_cannot_learn(tmp_path):
     """lr=1e-7 cannot lower the loss; the median pruner stops it at its first validation."""
     r = _train(tmp_path, "hydra/sweeper=optuna", "study=prune", "optimizer.warmup_steps=0",

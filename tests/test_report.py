@@ -158,3 +158,39 @@ def test_cli_names_the_experiments_when_the_study_is_missing(store, monkeypatch,
     with pytest.raises(SystemExit, match="no MLflow store at sqlite:///.*mlflow.db"):
         main(["--study", "grid"])
     assert not (tmp_path / "mlflow.db").exists()  # a missing store is not created
+
+
+@pytest.mark.slow
+def test_report_from_a_real_sweep(tmp_path):
+    """2 x 2 x 2 seeds through `python -m pipeline.train -m`, then `python -m pipeline.report`:
+    every configuration row holds its runs' ids and their mean ± std as MLflow has them."""
+    from cli import TINY, cli
+
+    fast_eval = ["eval.max_windows=1", "eval.factors=[1,2]", "eval.decode.repeats=1",
+                 "eval.decode.warmup=0", "eval.decode.batch_sizes=[1]", "eval.decode.new_tokens=4"]
+    sweep = ["-m", "study=real", "model/pos_enc=learned,rope", "model/ffn=gelu,moe", "seed=0,1"]
+    proc = cli("pipeline.train", [*sweep, *TINY, *fast_eval], tmp_path, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = cli("pipeline.report", ["--study", "real"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("real")
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("sweep") == "true"]
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(trials) == 8 and all(r.info.status == "FINISHED" for r in trials)
+    md = (tmp_path / "reports/real/report.md").read_text()
+    table = md.split("## Configurations")[1].split("\n## ")[0]
+    cells: dict[tuple, list] = {}
+    for r in trials:
+        cells.setdefault((r.data.tags["pos_enc"], r.data.tags["ffn"]), []).append(r)
+    for (pos_enc, ffn), group in cells.items():
+        (row,) = [ln for ln in table.splitlines() if all(r.info.run_id[:8] in ln for r in group)]
+        assert f"| {pos_enc} |" in row and f"| {ffn} |" in row
+        for key in ("val/loss", "cost/params_total", "extrap/ppl_x2"):
+            v = np.array([r.data.metrics[key] for r in group])
+            assert fmt_stat(v.mean(), v.std(ddof=1), 4 if key == "val/loss" else 1 if "cost" in key else 2) in row
+    assert all(r.info.run_id in md for r in trials)
+    names = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report.md", "report.html", "moe_load.png", "effects.png"} <= names

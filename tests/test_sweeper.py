@@ -221,6 +221,8 @@ def test_sigkilled_sweep_resumes_to_one_finished_run_per_point(tmp_path):
     assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
     finished = [(c.data.tags["pos_enc"], c.data.tags["norm"]) for c in children if c.info.status == "FINISHED"]
     assert sorted(finished) == sorted(complete)
+    trial_tags = {c.data.tags["trial"] for c in children if c.info.status == "FINISHED"}
+    assert trial_tags == {str(t.number) for t in trials if t.state == TrialState.COMPLETE}
     assert not [c for c in children if c.info.status == "RUNNING"]
 
 

@@ -121,7 +121,11 @@ def test_ui_filters_runs_by_tag_and_shows_the_report(ui):
 
         # The parent run's report artifact, rendered by the artifact viewer.
         page.get_by_role("link", name=f"sweep-{STUDY}").first.click()
-        page.get_by_role("tab", name="Artifacts").click()
+        page.get_by_role("tab", name="Artifacts").wait_for()
+        assert logged.parent_id in page.url
+        # the run page forgets the workflow type; ask for it again to keep the training view
+        page.goto(f"{base}/#/experiments/{logged.experiment_id}/runs/{logged.parent_id}"
+                  "/artifacts?workflowType=machine_learning")
         page.get_by_text("report", exact=True).first.click()
         page.get_by_text("report.html", exact=True).click()
         deadline = time.monotonic() + 60

@@ -6,6 +6,7 @@ interrupted ones are retried (see study.py), and numbering continues.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import logging
@@ -148,6 +149,10 @@ class OptunaSweeper(Sweeper):
             storage=resolve_storage(self.storage), study_name=study_name, sampler=sampler,
             pruner=study_lib.make_pruner(self.pruner_name, self.pruner_kwargs),
             direction=self.direction, load_if_exists=True)
+        if self.seed is not None and not is_grid and study.trials:
+            # Resumed: a sampler seeded as before would propose the first trials' points again.
+            study.sampler = study_lib.make_sampler(self.sampler_name, self.seed + len(study.trials),
+                                                   self.sampler_kwargs, space)
         study_lib.recover(study, self.retry_failed)
         log.info("Optuna study %r (%s): %s, %d trials, dimensions: %s", study.study_name,
                  resolve_storage(self.storage), type(sampler).__name__, target,
@@ -202,12 +207,20 @@ class OptunaSweeper(Sweeper):
             return f"config does not compose: {e}"
         if self.validate is None:
             return None
-        with open_dict(cfg):
-            del cfg["hydra"]
+        from hydra.core.hydra_config import HydraConfig
+
+        # As in a job (hydra.core.utils.run_job): ${hydra:...} resolves against this trial.
+        saved = HydraConfig.instance().cfg
+        HydraConfig.instance().set_config(cfg)
+        task_cfg = copy.deepcopy(cfg)
+        with open_dict(task_cfg):
+            del task_cfg["hydra"]
         try:
-            self.validate(cfg)
+            self.validate(task_cfg)
         except Exception as e:
             return f"{type(e).__name__}: {e}"
+        finally:
+            HydraConfig.instance().cfg = saved
         return None
 
     def _run(self, study: optuna.Study, batch: list[tuple[Trial, list[str]]], progress: "_Progress") -> None:

@@ -89,6 +89,7 @@ class Study:
     experiment_id: str
     parent_run_id: str | None  # newest run tagged sweep=true
     trials: list[Trial]
+    parent_tags: dict[str, str] = field(default_factory=dict)
 
 
 def _search_all(client, experiment_id: str) -> list:
@@ -112,11 +113,12 @@ def load_study(client, name: str, tracking_uri: str,
         names = [e.name for e in client.search_experiments()]
         raise SystemExit(f"no MLflow experiment named '{name}' in {tracking_uri}; "
                          f"experiments there: {', '.join(names) or '(none)'}")
-    parent, trials = None, []
+    parent, parent_tags, trials = None, {}, []
     for r in _search_all(client, exp.experiment_id):  # newest first
         tags = dict(r.data.tags)
         if tags.get("sweep") == "true":
-            parent = parent or r.info.run_id
+            if parent is None:
+                parent, parent_tags = r.info.run_id, tags
             continue
         if tags.get("report") == "true":  # a run this module created to hold a report
             continue
@@ -130,7 +132,7 @@ def load_study(client, name: str, tracking_uri: str,
                     t.curves[key] = (np.array([m.step for m in hist], dtype=float),
                                      np.array([m.value for m in hist], dtype=float))
         trials.append(t)
-    return Study(name, tracking_uri, exp.experiment_id, parent, trials[::-1])
+    return Study(name, tracking_uri, exp.experiment_id, parent, trials[::-1], parent_tags)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,7 +493,7 @@ def section_plots(doc: Doc, configs, factors_x, out: Path) -> list[Path]:
 
 
 def section_effects(doc: Doc, configs, extra, reference, out: Path, factors_x,
-                    optuna_storage: str, study: str) -> list[Path]:
+                    optuna_storage: str, optuna_study: str) -> list[Path]:
     files = []
     doc.h(2, "Factor effects")
     factors, levels, ref = factors_and_levels(configs, extra, reference)
@@ -539,7 +541,7 @@ def section_effects(doc: Doc, configs, extra, reference, out: Path, factors_x,
                   [[i.factor_a, f"{i.level_a} vs {i.reference_a}", i.factor_b,
                     f"{i.level_b} vs {i.reference_b}", fmt_ci(i), str(i.n_cells)] for i in stand])
     doc.h(3, "Optuna parameter importances")
-    imp, why = optuna_importances(optuna_storage, study)
+    imp, why = optuna_importances(optuna_storage, optuna_study)
     if imp:
         doc.p("fANOVA importances (Hutter et al. 2014) of the Optuna study's parameters for its "
               "objective.")
@@ -557,9 +559,13 @@ def optuna_importances(storage: str, study: str) -> tuple[dict[str, float] | Non
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         s = optuna.load_study(study_name=study, storage=storage)
-        return optuna.importance.get_param_importances(s), ""
+        # fANOVA named explicitly: Optuna 5's default (PedANOVA) rates every categorical
+        # parameter of a small grid equally. A fixed seed keeps rebuilt reports identical.
+        fanova = optuna.importance.FanovaImportanceEvaluator(seed=0)
+        return {k: float(v) for k, v in
+                optuna.importance.get_param_importances(s, evaluator=fanova).items()}, ""
     except Exception as e:  # a missing study, a grid with one trial, a sampler without params
-        return None, f"{type(e).__name__}: {e}".rstrip(". ")
+        return None, f"Optuna study '{study}' in `{storage}`: {type(e).__name__}: {e}".rstrip(". ")
 
 
 def section_moe(doc: Doc, configs, out: Path) -> list[Path]:
@@ -718,9 +724,14 @@ def build_report(study_name: str, tracking_uri: str | None = None, out: str | Pa
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
         raise SystemExit(f"no MLflow store at {uri}; run a study first (make ablate) or pass "
                          "--tracking-uri / set MLFLOW_TRACKING_URI")
-    optuna_storage = optuna_storage or f"sqlite:///{Path.cwd() / 'optuna.db'}"
     client = MlflowClient(tracking_uri=uri)
     study = load_study(client, study_name, uri)
+    # The Optuna study: the one the sweep recorded on its parent run ("<storage>#<name>"), else
+    # the study's name in --optuna-storage / ./optuna.db.
+    optuna_study = study_name
+    if optuna_storage is None and "#" in study.parent_tags.get("optuna_study", ""):
+        optuna_storage, _, optuna_study = study.parent_tags["optuna_study"].rpartition("#")
+    optuna_storage = optuna_storage or f"sqlite:///{Path.cwd() / 'optuna.db'}"
     configs, extra = group_configurations(study.trials)
     out_dir = Path(out) / study_name
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -742,7 +753,7 @@ def build_report(study_name: str, tracking_uri: str | None = None, out: str | Pa
     section_table(doc, configs, extra, factors_x)
     images = section_plots(doc, configs, factors_x, out_dir)
     images += section_effects(doc, configs, extra, reference or {}, out_dir, factors_x,
-                              optuna_storage, study_name)
+                              optuna_storage, optuna_study)
     images += section_moe(doc, configs, out_dir)
     images += section_scaling(doc, configs, reference or {}, out_dir)
     section_failures(doc, study.trials)

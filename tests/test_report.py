@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 
 from _mlflow_study import FACTORS, FAILURE, final_loss, log_grid
-from pipeline.report import build_report, fmt_stat, load_study, main, report_run
+from pipeline.report import build_report, fmt_stat, load_study, main, optuna_importances, report_run
 
 GRID_PNGS = {"val_loss_step.png", "val_loss_tokens.png", "extrapolation.png", "pareto.png",
              "effects.png", "moe_load.png"}
@@ -194,3 +194,23 @@ def test_report_from_a_real_sweep(tmp_path):
     assert all(r.info.run_id in md for r in trials)
     names = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report.md", "report.html", "moe_load.png", "effects.png"} <= names
+
+
+def test_optuna_importances_when_the_study_exists(tmp_path):
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage)
+    space = {"pos_enc": optuna.distributions.CategoricalDistribution(["rope", "learned"]),
+             "ffn": optuna.distributions.CategoricalDistribution(["gelu", "moe"])}
+    for pos_enc, ffn in [(p, f) for p in ("rope", "learned") for f in ("gelu", "moe")] * 2:
+        value = 2.0 - 0.5 * (pos_enc == "rope") - 0.01 * (ffn == "moe")
+        study.add_trial(optuna.trial.create_trial(params={"pos_enc": pos_enc, "ffn": ffn},
+                                                  distributions=space, value=value))
+    imp, _ = optuna_importances(storage, "s")
+    assert set(imp) == {"pos_enc", "ffn"} and imp["pos_enc"] > imp["ffn"]
+    missing = tmp_path / "none.db"
+    imp, why = optuna_importances(f"sqlite:///{missing}", "s")
+    assert imp is None and "no Optuna storage" in why and not missing.exists()
+    imp, why = optuna_importances(storage, "other")
+    assert imp is None and "other" in why

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from itertools import product
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 
 STEPS = (10, 20, 30, 40)
 BATCH, CONTEXT = 8, 32

@@ -92,6 +92,8 @@ class MLflowSweepCallback(HydraCallback):
         atexit.register(self._close, "FAILED")  # a sweep that raises never reaches on_multirun_end
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.parent_id is None:  # a single run (no multirun): nothing to number
+            return
         trial = current_trial()
         os.environ[TRIAL_ENV] = str(trial.number if trial is not None else config.hydra.job.num)
 

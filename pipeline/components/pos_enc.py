@@ -85,7 +85,12 @@ class SinusoidalConfig(PosEncConfig):
 
 @POS_ENC.register("sinusoidal")
 class Sinusoidal(PositionalEncoding):
-    """Fixed sin/cos absolute positions (Vaswani et al. 2017, sec. 3.5)."""
+    """Fixed sin/cos absolute positions (Vaswani et al. 2017, sec. 3.5).
+
+    The token embeddings are multiplied by sqrt(d_model) first (sec. 3.4): at init std 0.02 they
+    would otherwise be swamped by the unit-amplitude sinusoids and the model stays at unigram
+    perplexity (measured: ppl ~24 vs ~7 on the embedded corpus at d_model 64).
+    """
 
     Config = SinusoidalConfig
 
@@ -93,12 +98,13 @@ class Sinusoidal(PositionalEncoding):
         super().__init__()
         inv_freq = cfg.base ** (-torch.arange(0, d_model, 2, dtype=torch.float32) / d_model)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.scale = math.sqrt(d_model)
 
     def embed(self, x: Tensor, offset: int) -> Tensor:
         pos = torch.arange(offset, offset + x.shape[1], device=x.device, dtype=torch.float32)
         angle = pos[:, None] * self.inv_freq[None, :]  # (T, D/2)
         pe = torch.stack((angle.sin(), angle.cos()), dim=-1).flatten(1)  # sin, cos interleaved
-        return x + pe[:, : x.shape[-1]].to(x.dtype)
+        return x * self.scale + pe[:, : x.shape[-1]].to(x.dtype)
 
 
 @dataclass

@@ -180,6 +180,12 @@ def test_measure_inference_rejects_a_prompt_past_the_learned_table() -> None:
     model = DecoderLM(small("gpt2"))  # 8 x 32 = 256 table rows
     with pytest.raises(ValueError, match="max_len=256"):
         measure_inference(model, torch.device("cpu"), prompt_tokens=250, new_tokens=10)
+    # A table of exactly the training context (eval.factors=[1]): the default prompt shrinks.
+    exact = DecoderLM(small("gpt2", pos_enc={"name": "learned", "max_len": 32}))
+    calls: list[int] = []
+    exact.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[1]))
+    measure_inference(exact, torch.device("cpu"), batch_sizes=[1], new_tokens=8, repeats=1, warmup=0)
+    assert calls[0] + len(calls) - 1 == 32  # prompt + 8 new tokens fill the 32 rows
 
 
 def test_cost_cli_prints_the_table_for_overrides(capsys: pytest.CaptureFixture[str]) -> None:

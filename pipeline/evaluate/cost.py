@@ -26,6 +26,7 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -156,7 +157,7 @@ def peak_memory_bytes(device: torch.device) -> float:
 
 
 @torch.no_grad()
-def measure_inference(model: DecoderLM, device: torch.device, batch_sizes: list[int] = (1, 8),
+def measure_inference(model: DecoderLM, device: torch.device, batch_sizes: Sequence[int] = (1, 8),
                       prompt_tokens: int | None = None, new_tokens: int = 32, repeats: int = 3,
                       warmup: int = 1, seed: int = 0) -> dict[str, float]:
     """Prefill and cached-decode throughput, median over `repeats` after `warmup` untimed runs.
@@ -170,11 +171,14 @@ def measure_inference(model: DecoderLM, device: torch.device, batch_sizes: list[
     was_training = model.training
     model.eval()
     T = prompt_tokens or model.cfg.context_length
-    if isinstance(model.cfg.pos_enc, LearnedConfig) and T + new_tokens > model.cfg.pos_enc.max_len:
-        raise ValueError(
-            f"eval.decode.prompt_tokens + new_tokens = {T + new_tokens} exceeds the learned "
-            f"position table (model.pos_enc.max_len={model.cfg.pos_enc.max_len}); shorten them"
-        )
+    max_len = model.cfg.pos_enc.max_len if isinstance(model.cfg.pos_enc, LearnedConfig) else None
+    if max_len is not None and T + new_tokens > max_len:
+        if prompt_tokens is not None or max_len <= new_tokens:
+            raise ValueError(
+                f"eval.decode.prompt_tokens + new_tokens = {T + new_tokens} exceeds the learned "
+                f"position table (model.pos_enc.max_len={max_len}); shorten them"
+            )
+        T = max_len - new_tokens  # default prompt: as much of the training context as fits
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     gen = torch.Generator().manual_seed(seed)
@@ -190,11 +194,6 @@ def measure_inference(model: DecoderLM, device: torch.device, batch_sizes: list[
     out["peak_mem_bytes"] = peak_memory_bytes(device)
     model.train(was_training)
     return out
-
-
-def param_counts(model: DecoderLM) -> int:
-    """What params_total must equal: every parameter tensor once (tied weights count once)."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def format_table(cost: dict[str, float], title: str = "") -> str:

@@ -1,4 +1,4 @@
-"""Analytic inference cost of any configuration, without training or building the model.
+r"""Analytic inference cost of any configuration, without training or building the model.
 
     python -m pipeline.cost model=llama model.n_layers=32 model.d_model=4096 model.n_heads=32 \
         model.attention.n_kv_heads=8 model.vocab_size=32000 cost.context=32768 cost.batch=1

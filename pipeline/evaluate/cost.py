@@ -4,8 +4,8 @@ Analytic counting conventions (the numbers `python -m pipeline.cost` prints and 
 
 - params_total equals `sum(p.numel() for p in DecoderLM(cfg).parameters())` exactly: a tied
   output head is counted once (it *is* the embedding matrix), and the learned position table
-  is counted at its full size (`pos_enc.max_len`, 8 x context by default), rows never trained
-  included, because that is what the model holds in memory.
+  is counted at its full size (`pos_enc.max_len`: max(eval.factors) x context in a training
+  run, 8 x context by default), rows never trained included, because the model holds them.
 - params_active is params_total minus the experts a token does not visit: an MoE layer with
   n_experts experts and top_k routing counts top_k experts (and its router). Embedding tables
   are counted whole in both, as is the convention (Mixtral's "13B active of 47B").
@@ -22,7 +22,6 @@ Analytic counting conventions (the numbers `python -m pipeline.cost` prints and 
 
 from __future__ import annotations
 
-import resource
 import statistics
 import sys
 import time
@@ -152,6 +151,8 @@ def peak_memory_bytes(device: torch.device) -> float:
     """CUDA: peak allocated since the last reset. CPU: the process's peak resident set size."""
     if device.type == "cuda":
         return float(torch.cuda.max_memory_allocated(device))
+    import resource  # Unix only
+
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return float(rss if sys.platform == "darwin" else rss * 1024)  # macOS bytes, Linux KiB
 

@@ -201,9 +201,7 @@ def test_alibi_extrapolates_on_real_text(real_text_ppl: dict[str, dict[str, floa
 @pytest.mark.parametrize("pos_enc", [
     "learned",
     "rope",
-    pytest.param("sinusoidal", marks=pytest.mark.xfail(
-        reason="token embeddings (std 0.02) are not scaled by sqrt(d_model) (Vaswani et al. 3.4), so "
-               "the unit-amplitude sinusoids swamp them and the model stays near unigram loss")),
+    "sinusoidal",
 ])
 def test_other_positions_do_not_extrapolate_on_real_text(real_text_ppl: dict[str, dict[str, float]],
                                                          pos_enc: str) -> None:

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.evaluate.cost import analytic_cost, format_table
+from pipeline.config import model_from_config, resolve_budget
 from pipeline.model import ConfigError, ModelConfig
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -29,28 +30,17 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 def compose_config(overrides: list[str]) -> DictConfig:
     """The train config with the `cost` node added and, unless asked for, no training budget."""
     extra = ["+cost=default"]
-    if not any(o.startswith("budget=") for o in overrides):
+    if any(o.startswith("budget=") for o in overrides):
+        overrides = resolve_budget(overrides)
+    else:
         extra.append("~budget")
-    elif "budget=auto" in overrides:
-        import torch
-
-        auto = "budget=gpu" if torch.cuda.is_available() else "budget=cpu"
-        overrides = [auto if o == "budget=auto" else o for o in overrides]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("train", overrides=extra + list(overrides))
 
 
 def model_config(cfg: DictConfig) -> ModelConfig:
-    """The ModelConfig training builds from this config: as pipeline.train.validate_config does
-    (repeated here so this command does not import Lightning), the `preset` tag is dropped and a
-    learned table gets max(eval.factors) x context rows."""
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    model.pop("preset", None)
-    pos = model.get("pos_enc", {})
-    if pos.get("name") == "learned" and pos.get("max_len") is None:
-        factors = OmegaConf.select(cfg, "eval.factors", default=[8]) or [8]
-        model["pos_enc"] = {**pos, "max_len": max(factors) * model.get("context_length", 1)}
-    return ModelConfig.from_dict(model)
+    """The ModelConfig training builds from this config (see pipeline.config)."""
+    return model_from_config(OmegaConf.to_container(cfg, resolve=True))[0]
 
 
 def describe(m: ModelConfig, preset: str | None) -> str:

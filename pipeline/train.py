@@ -19,6 +19,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.config import model_from_config, resolve_budget
 from pipeline.data import DataConfig, DataConfigError, LMDataModule
 from pipeline.lit_module import OptimConfig
 from pipeline.model import ConfigError, ModelConfig
@@ -55,14 +56,10 @@ def _require(key: str, value: Any, ok: bool, valid: str) -> None:
 def validate_config(cfg: DictConfig) -> RunSpec:
     """Turn the composed config into typed objects, raising a clear error; builds nothing."""
     c = OmegaConf.to_container(cfg, resolve=True)
-    model = dict(c["model"])
-    preset = model.pop("preset", None)
     factors = list(c.get("eval", {}).get("factors", [1]))
     for f in factors:
         _require("eval.factors", factors, isinstance(f, int) and f >= 1, "use positive integers, e.g. [1,2,4,8]")
-    if model.get("pos_enc", {}).get("name") == "learned" and model["pos_enc"].get("max_len") is None:
-        model["pos_enc"] = {**model["pos_enc"], "max_len": max(factors) * model.get("context_length", 1)}
-    model_cfg = ModelConfig.from_dict(model)
+    model_cfg, preset = model_from_config(c)
 
     data = dict(c["data"])
     batch_size, val_batches = data.pop("batch_size", 16), data.pop("val_batches", 4)
@@ -182,17 +179,6 @@ def main(cfg: DictConfig) -> float:
             _fail_fast(str(e))
         raise  # in a sweep: the sweeper records the trial as failed and goes on
     return run(cfg, spec, list(hc.overrides.task), Path(hc.runtime.output_dir))
-
-
-def resolve_budget(argv: list[str]) -> list[str]:
-    """`budget=auto` (the default on the command line): gpu when CUDA is present, else cpu."""
-    import torch
-
-    choice = "gpu" if torch.cuda.is_available() else "cpu"
-    rest = [a for a in argv if a not in ("budget=auto", "budget=")]
-    if any(a.startswith("budget=") for a in rest):
-        return argv
-    return rest + [f"budget={choice}"]
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ bench: $(STAMP) ## Step-time benchmark against reference implementations
 	$(BIN)/python -m benchmarks.step_time $(ARGS)
 
 gpu-check: $(STAMP) ## GPU checks in one script (writes results to $$OUT)
-	$(BIN)/python -m pytest -q -m gpu $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m gpu $${OUT:+--junitxml=$$OUT/gpu-check.xml} $(PYTEST_ARGS)
 
 clean: ## Remove caches and local stores (keeps .venv)
 	rm -rf outputs multirun reports .cache mlflow.db mlruns mlartifacts optuna.db

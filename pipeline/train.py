@@ -10,6 +10,7 @@ any MLflow run exists; a bad override exits non-zero with one line naming the pr
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from dataclasses import dataclass, replace
@@ -73,6 +74,10 @@ def validate_config(cfg: DictConfig) -> RunSpec:
     every = t.get("val_check_interval")
     _require("trainer.val_check_interval", every, isinstance(every, int) and 0 < every <= steps,
              f"use an integer number of steps between 1 and trainer.max_steps={steps}")
+    known = {f.name for f in dataclasses.fields(OptimConfig)}
+    unknown = sorted(set(c["optimizer"]) - known)
+    if unknown:
+        raise RunConfigError(f"optimizer.{unknown[0]} is not an optimizer setting; settings: {', '.join(sorted(known))}")
     o = OptimConfig(**c["optimizer"])
     _require("optimizer.lr", o.lr, o.lr > 0, "use a positive learning rate")
     _require("optimizer.warmup_steps", o.warmup_steps, isinstance(o.warmup_steps, int) and o.warmup_steps >= 0,

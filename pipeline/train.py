@@ -106,6 +106,13 @@ def run(cfg: DictConfig, spec: RunSpec, overrides: list[str], out_dir: Path,
     dm = LMDataModule(spec.data, spec.model.context_length, spec.batch_size, seed=cfg.seed,
                       val_batches=spec.val_batches)
     dm.setup("fit")
+    factors = cfg.eval.get("factors", [1])
+    if cfg.eval.get("enabled", True) and len(dm.test_tokens()) <= max(factors) * spec.model.context_length:
+        raise RunConfigError(
+            f"the test split holds {len(dm.test_tokens())} tokens, fewer than one evaluation window of "
+            f"max(eval.factors)={max(factors)} x model.context_length={spec.model.context_length}; "
+            f"use more text, a larger data.test_fraction, or smaller eval.factors"
+        )
     model_cfg = replace(spec.model, vocab_size=dm.vocab_size)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved["model"] = {**model_cfg.to_dict(), "preset": spec.preset}
@@ -179,11 +186,11 @@ def main(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     try:
         spec = validate_config(cfg)
-    except INVALID_CONFIG as e:
+        return run(cfg, spec, list(hc.overrides.task), Path(hc.runtime.output_dir))
+    except INVALID_CONFIG as e:  # found before training: no MLflow run was created
         if hc.mode == RunMode.RUN:
             _fail_fast(str(e))
         raise  # in a sweep: the sweeper records the trial as failed and goes on
-    return run(cfg, spec, list(hc.overrides.task), Path(hc.runtime.output_dir))
 
 
 if __name__ == "__main__":

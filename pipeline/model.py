@@ -239,7 +239,6 @@ class DecoderLM(nn.Module):
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight
         self.moe_layers = [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
-        self.uses_bias = self.pos.bias(1, 1, 0, torch.device("cpu")) is not None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -261,7 +260,7 @@ class DecoderLM(nn.Module):
 
     def _mask(self, T: int, S: int, offset: int, device: torch.device) -> Tensor | None:
         """None when attention can use its built-in causal mask; else an additive (H|1, T, S) bias."""
-        bias = self.pos.bias(T, S, offset, device) if self.uses_bias else None
+        bias = self.pos.bias(T, S, offset, device)  # ALiBi's (H, T, S) slopes; None for others
         if bias is None and (offset == 0 or T == 1):
             return None
         mask = causal_bias(T, S, offset, device)

@@ -184,14 +184,32 @@ def section_effects(doc: Doc, configs, extra, reference, out: Path, factors_x,
                   [[i.factor_a, f"{i.level_a} vs {i.reference_a}", i.factor_b,
                     f"{i.level_b} vs {i.reference_b}", fmt_ci(i), str(i.n_cells)] for i in stand])
     doc.h(3, "Optuna parameter importances")
-    imp, why = optuna_importances(optuna_storage, optuna_study)
-    if imp:
-        doc.p("fANOVA importances (Hutter et al. 2014) of the Optuna study's parameters for its "
-              "objective.")
-        doc.table(["parameter", "importance"], [[k, f"{v:.3f}"] for k, v in imp.items()])
-    else:
-        doc.p(f"Not available: {why}.")
+    names = optuna_studies(optuna_storage, optuna_study)
+    if names != [optuna_study]:  # a sweep with `per` keeps one Optuna study per point
+        doc.p(f"One Optuna study per value of the sweep's `per` dimensions: {', '.join(f'`{n}`' for n in names)}.")
+    for name in names:
+        imp, why = optuna_importances(optuna_storage, name)
+        if imp:
+            doc.p(f"fANOVA importances (Hutter et al. 2014) of the parameters of Optuna study `{name}` "
+                  "for its objective.")
+            doc.table(["parameter", "importance"], [[k, f"{v:.3f}"] for k, v in imp.items()])
+        else:
+            doc.p(f"Not available: {why}.")
     return files
+
+
+def optuna_studies(storage: str, study: str) -> list[str]:
+    """The study itself, or the studies `<study>/<point>` a sweep with `per` created."""
+    if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).exists():
+        return [study]  # never create a database by looking
+    try:
+        import optuna
+
+        names = optuna.get_all_study_names(storage)
+    except Exception:  # no storage yet: optuna_importances says why
+        return [study]
+    per = sorted(n for n in names if n.startswith(f"{study}/"))
+    return [study] if study in names or not per else per
 
 
 def optuna_importances(storage: str, study: str) -> tuple[dict[str, float] | None, str]:

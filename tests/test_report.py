@@ -10,7 +10,8 @@ import pytest
 from mlflow import MlflowClient
 
 from _mlflow_study import FACTORS, FAILURE, final_loss, log_grid
-from pipeline.report import build_report, fmt_stat, load_study, main, optuna_importances, report_run
+from pipeline.report import (build_report, fmt_stat, load_study, main, optuna_importances, optuna_studies,
+                             report_run)
 
 GRID_PNGS = {"val_loss_step.png", "val_loss_tokens.png", "extrapolation.png", "pareto.png",
              "effects.png", "moe_load.png"}
@@ -213,3 +214,16 @@ def test_optuna_importances_when_the_study_exists(tmp_path):
     assert imp is None and "no Optuna storage" in why and not missing.exists()
     imp, why = optuna_importances(storage, "other")
     assert imp is None and "other" in why
+
+
+def test_per_point_optuna_studies_are_found(tmp_path):
+    """A sweep with `per` (tune_lr) keeps one Optuna study per point, named `<study>/<point>`."""
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    for name in ("tune/model=llama", "tune/model=gpt2", "tuned"):
+        optuna.create_study(study_name=name, storage=storage)
+    assert optuna_studies(storage, "tune") == ["tune/model=gpt2", "tune/model=llama"]
+    assert optuna_studies(storage, "tuned") == ["tuned"]
+    missing = tmp_path / "none.db"
+    assert optuna_studies(f"sqlite:///{missing}", "tune") == ["tune"] and not missing.exists()

@@ -46,7 +46,8 @@ ui: $(STAMP) ## MLflow UI on 127.0.0.1:$(PORT) over the same store (honours MLFL
 cost: $(STAMP) ## Analytic inference-cost table, no training: make cost ARGS="model=llama"
 	$(BIN)/python -m pipeline.cost $(ARGS)
 
-bench: $(STAMP) ## Step-time benchmark against reference implementations
+bench: $(STAMP) ## Step-time benchmark against a minimal GPT, transformers and x-transformers
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m benchmarks.step_time $(ARGS)
 
 gpu-check: $(STAMP) ## GPU checks in one script (writes results to $$OUT)

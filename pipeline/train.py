@@ -22,6 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import model_from_config, resolve_budget
 from pipeline.data import DataConfig, DataConfigError, LMDataModule
+from pipeline.evaluate import EvalConfig
+from pipeline.evaluate.extrapolation import check_factors
 from pipeline.lit_module import OptimConfig
 from pipeline.model import ConfigError, ModelConfig
 
@@ -57,10 +59,13 @@ def _require(key: str, value: Any, ok: bool, valid: str) -> None:
 def validate_config(cfg: DictConfig) -> RunSpec:
     """Turn the composed config into typed objects, raising a clear error; builds nothing."""
     c = OmegaConf.to_container(cfg, resolve=True)
-    factors = list(c.get("eval", {}).get("factors", [1]))
-    for f in factors:
-        _require("eval.factors", factors, isinstance(f, int) and f >= 1, "use positive integers, e.g. [1,2,4,8]")
     model_cfg, preset = model_from_config(c)
+    try:  # evaluation runs after training: its settings are checked now, not then
+        eval_cfg = EvalConfig.from_dict(c.get("eval", {}))
+        if eval_cfg.enabled:
+            check_factors(model_cfg, eval_cfg.factors)
+    except ValueError as e:
+        raise RunConfigError(str(e)) from None
 
     data = dict(c["data"])
     batch_size, val_batches = data.pop("batch_size", 16), data.pop("val_batches", 4)

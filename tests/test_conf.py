@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,18 @@ def test_component_swap_keeps_preset_placement() -> None:
 def test_learned_table_covers_largest_eval_factor() -> None:
     spec = validate_config(compose_train(["model=gpt2", "budget=cpu", "eval.factors=[1,2,16]"]))
     assert spec.model.pos_enc.max_len == 16 * spec.model.context_length
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("eval.max_windows=0", "eval.max_windows=0"),
+    ("eval.rope_scaling=[yarn]", "'yarn'"),
+    ("eval.decode.repeats=0", "eval.decode.repeats=0"),
+    ("eval.factors=[0,2]", "eval.factors"),
+])
+def test_evaluation_settings_are_checked_before_training(override: str, needle: str) -> None:
+    """Evaluation runs after training: a bad setting must stop the run (or skip the sweep
+    point) before any compute, not fail it at the end."""
+    from pipeline.train import RunConfigError
+
+    with pytest.raises(RunConfigError, match=re.escape(needle)):
+        validate_config(compose_train(["budget=cpu", override]))

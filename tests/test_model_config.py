@@ -214,3 +214,13 @@ def test_moe_with_one_expert_equals_dense_swiglu():
     x = torch.randn(2, 5, 16)
     torch.testing.assert_close(moe(x), dense(x), atol=1e-6, rtol=1e-5)
     assert moe.stats.balance.item() == pytest.approx(1.0)  # one expert: f = P = 1
+
+
+def test_moe_router_stays_fp32_under_bf16_autocast() -> None:
+    """Mixed precision (trainer=gpu: bf16-mixed) must not reach the router (Switch, sec. 2.4)."""
+    model = DecoderLM(ModelConfig.from_preset("mixtral", d_model=32, n_layers=1, n_heads=2,
+                                              context_length=16, vocab_size=50))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, aux = model(torch.randint(0, 50, (2, 8)), return_aux=True)
+    assert logits.dtype == torch.bfloat16  # the rest of the model does run in bf16
+    assert aux["moe_z"].dtype == torch.float32 and aux["moe_balance"].dtype == torch.float32

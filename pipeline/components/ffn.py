@@ -141,8 +141,10 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (N, d)
         N, E, k = flat.shape[0], self.cfg.n_experts, self.cfg.top_k
-        # Router in fp32: bf16 logits make routing unstable (Fedus et al. 2021, sec. 2.4).
-        logits = F.linear(flat.float(), self.router.weight.float())  # (N, E)
+        # Router in fp32: bf16 logits make routing unstable (Fedus et al. 2021, sec. 2.4);
+        # autocast would cast the matmul back to bf16, so it is switched off here.
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(flat.float(), self.router.weight.float())  # (N, E)
         probs = logits.softmax(dim=-1)
         gates, experts = probs.topk(k, dim=-1)  # (N, k)
         gates = gates / gates.sum(dim=-1, keepdim=True)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from pipeline.evaluate.cost import analytic_cost, cost_metrics, measure_inference
-from pipeline.evaluate.extrapolation import extrapolation, plot_extrapolation
+from pipeline.evaluate.extrapolation import ROPE_SCALINGS, extrapolation, plot_extrapolation
 from pipeline.model import DecoderLM
 
 
@@ -55,6 +55,14 @@ class EvalConfig:
         for key in ("max_windows", "batch_tokens", "kv_bytes_per_element"):
             if getattr(cfg, key) < 1:
                 raise ValueError(f"eval.{key}={getattr(cfg, key)} must be a positive integer")
+        for key in ("new_tokens", "repeats"):
+            if getattr(cfg.decode, key) < 1:
+                raise ValueError(f"eval.decode.{key}={getattr(cfg.decode, key)} must be a positive integer")
+        if not cfg.decode.batch_sizes or any(b < 1 for b in cfg.decode.batch_sizes):
+            raise ValueError(f"eval.decode.batch_sizes={cfg.decode.batch_sizes} must be positive integers")
+        for method in cfg.rope_scaling:
+            if method not in ROPE_SCALINGS:
+                raise ValueError(f"eval.rope_scaling entry '{method}' is not valid; valid: {', '.join(ROPE_SCALINGS)}")
         return cfg
 
 

@@ -163,6 +163,13 @@ def test_failed_and_invalid_trials_do_not_stop_the_sweep(tmp_path):
     assert summary["counts"] == {"complete": 1, "pruned": 0, "failed": 1, "skipped": 2}
 
 
+def test_a_sweep_whose_every_point_is_skipped_fails(tmp_path):
+    """A typo that invalidates every point is a broken command, not an empty result."""
+    r = _toy(tmp_path, "x=choice(-1,-2)", "hydra.sweeper.validate=app.validate")
+    assert r.returncode != 0 and "all 2 points were skipped" in r.stderr
+    assert _results(tmp_path) == []
+
+
 def test_median_pruner_stops_a_trial_behind_the_others(tmp_path):
     r = _toy(tmp_path, "x=choice(2,2.5,9)", "hydra.sweeper.pruner=median",
              "++hydra.sweeper.pruner_kwargs.n_startup_trials=2")

@@ -113,13 +113,19 @@ class OptunaSweeper(Sweeper):
         _LAST_SUMMARY = summary
         (sweep_dir / "optuna_summary.json").write_text(json.dumps(summary, indent=2, default=str))
         log.info("\n%s", format_summary(summary))
-        if summary["counts"]["failed"]:
+        counts = summary["counts"]
+        launched = counts["complete"] + counts["pruned"] + counts["failed"]
+        if counts["failed"] or (counts["skipped"] and not launched):
             # Hydra calls on_multirun_end only when the sweep returns; the callbacks (e.g. the
             # MLflow parent run) must still see the end of a sweep that ends in an error.
             self.hydra_context.callbacks.on_multirun_end(config=self.config)
-            raise SweepFailedError(
-                f"{summary['counts']['failed']} of {summary['n_trials']} trials failed "
-                f"(reasons in the log above and in the trials' user attribute fail_reason)")
+            if counts["failed"]:
+                raise SweepFailedError(
+                    f"{counts['failed']} of {summary['n_trials']} trials failed "
+                    f"(reasons in the log above and in the trials' user attribute fail_reason)")
+            # Every point skipped is a broken sweep (a typo in an override), not a result.
+            raise SweepFailedError(f"all {counts['skipped']} points were skipped as invalid, nothing ran "
+                                   f"(reasons in the table above)")
         return summary
 
     def _studies(self, space: SearchSpace) -> list[tuple[str, SearchSpace]]:

@@ -56,6 +56,15 @@ def swiglu_hidden(d_model: int, multiple_of: int) -> int:
     return multiple_of * math.ceil(hidden / multiple_of)
 
 
+def ffn_hidden(cfg: FFNConfig, d_model: int) -> int:
+    """Hidden width of one MLP (of one expert for MoE): `hidden` if set, else 4d for a GELU MLP
+    and LLaMA's rounded 8d/3 for a SwiGLU one."""
+    if cfg.hidden is not None:
+        return cfg.hidden
+    gated = isinstance(cfg, SwiGLUConfig) or (isinstance(cfg, MoEConfig) and cfg.expert == "swiglu")
+    return swiglu_hidden(d_model, cfg.multiple_of) if gated else 4 * d_model
+
+
 FFN: Registry[nn.Module] = Registry("ffn")
 
 
@@ -67,7 +76,7 @@ class GeluMLP(nn.Module):
 
     def __init__(self, cfg: GeluConfig, d_model: int, bias: bool) -> None:
         super().__init__()
-        hidden = cfg.hidden or 4 * d_model
+        hidden = ffn_hidden(cfg, d_model)
         self.up = nn.Linear(d_model, hidden, bias=bias)
         self.down = nn.Linear(hidden, d_model, bias=bias)
         self.approximate = cfg.approximate
@@ -84,7 +93,7 @@ class SwiGLU(nn.Module):
 
     def __init__(self, cfg: SwiGLUConfig, d_model: int, bias: bool) -> None:
         super().__init__()
-        hidden = cfg.hidden or swiglu_hidden(d_model, cfg.multiple_of)
+        hidden = ffn_hidden(cfg, d_model)
         self.gate_up = nn.Linear(d_model, 2 * hidden, bias=bias)  # [gate; up] fused
         self.down = nn.Linear(hidden, d_model, bias=bias)
 
@@ -118,7 +127,7 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.gated = cfg.expert == "swiglu"
-        hidden = cfg.hidden or (swiglu_hidden(d_model, cfg.multiple_of) if self.gated else 4 * d_model)
+        hidden = ffn_hidden(cfg, d_model)
         E = cfg.n_experts
         self.router = nn.Linear(d_model, E, bias=False)
         # Experts stacked: w_in (E, [gate; up] or up, d), w_out (E, d, hidden).

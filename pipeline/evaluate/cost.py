@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipeline.components.ffn import GeluConfig, MoEConfig, SwiGLUConfig, swiglu_hidden
+from pipeline.components.ffn import GeluConfig, MoEConfig, SwiGLUConfig, ffn_hidden
 from pipeline.components.pos_enc import LearnedConfig
 from pipeline.model import DecoderLM, ModelConfig
 
@@ -41,23 +41,15 @@ def _norm_params(cfg: ModelConfig) -> int:
     return cfg.d_model * (2 if cfg.norm.name == "layernorm" and cfg.bias else 1)
 
 
-def _ffn_hidden(cfg: ModelConfig) -> int:
-    ffn, d = cfg.ffn, cfg.d_model
-    if ffn.hidden is not None:
-        return ffn.hidden
-    gated = isinstance(ffn, SwiGLUConfig) or (isinstance(ffn, MoEConfig) and ffn.expert == "swiglu")
-    return swiglu_hidden(d, ffn.multiple_of) if gated else 4 * d
-
-
 def _mlp_weights(cfg: ModelConfig, gated: bool) -> int:
     """Weight-matrix entries of one MLP: gated (SwiGLU) has three d x h matrices, GELU two."""
-    return (3 if gated else 2) * cfg.d_model * _ffn_hidden(cfg)
+    return (3 if gated else 2) * cfg.d_model * ffn_hidden(cfg.ffn, cfg.d_model)
 
 
 def _ffn_counts(cfg: ModelConfig) -> tuple[int, int, int]:
     """(params, active params, matmul MACs per token) of one FFN layer."""
     ffn, d = cfg.ffn, cfg.d_model
-    h = _ffn_hidden(cfg)
+    h = ffn_hidden(cfg.ffn, cfg.d_model)
     if isinstance(ffn, MoEConfig):
         # Experts have no biases; the router is d -> n_experts, no bias, run for every token.
         expert = _mlp_weights(cfg, ffn.expert == "swiglu")

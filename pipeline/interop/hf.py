@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pipeline.components.ffn import ffn_hidden
 from pipeline.model import DecoderLM, ModelConfig
 
 SUPPORTED = ("GPT2LMHeadModel", "LlamaForCausalLM", "MixtralForCausalLM")
@@ -130,7 +131,7 @@ def _gpt2_hf_config(cfg: ModelConfig) -> Any:
     p = float(cfg.dropout)
     return transformers.GPT2Config(
         vocab_size=cfg.vocab_size, n_positions=cfg.pos_enc.max_len, n_embd=cfg.d_model,
-        n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.ffn.hidden or 4 * cfg.d_model,
+        n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=ffn_hidden(cfg.ffn, cfg.d_model),
         activation_function="gelu_new" if cfg.ffn.approximate == "tanh" else "gelu",
         resid_pdrop=p, embd_pdrop=p, attn_pdrop=p, layer_norm_epsilon=cfg.norm.eps,
         initializer_range=cfg.init_std, tie_word_embeddings=cfg.tie_embeddings,
@@ -187,7 +188,6 @@ def _llama_config(c: Any, moe: bool) -> ModelConfig:
 def _llama_hf_config(cfg: ModelConfig, moe: bool) -> Any:
     import transformers
 
-    from pipeline.components.ffn import swiglu_hidden
 
     ffn = cfg.ffn
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.pos_enc.theta}
@@ -195,7 +195,7 @@ def _llama_hf_config(cfg: ModelConfig, moe: bool) -> Any:
         rope = {"rope_type": "linear", "rope_theta": cfg.pos_enc.theta, "factor": cfg.pos_enc.scale}
     common = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
-        intermediate_size=ffn.hidden or swiglu_hidden(cfg.d_model, ffn.multiple_of),
+        intermediate_size=ffn_hidden(ffn, cfg.d_model),
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
         num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.context_length,
         rms_norm_eps=cfg.norm.eps, tie_word_embeddings=cfg.tie_embeddings, rope_parameters=rope,

@@ -112,9 +112,10 @@ def run(cfg: DictConfig, spec: RunSpec, overrides: list[str], out_dir: Path,
                       val_batches=spec.val_batches)
     dm.setup("fit")
     factors = cfg.eval.get("factors", [1])
-    if cfg.eval.get("enabled", True) and len(dm.test_tokens()) <= max(factors) * spec.model.context_length:
+    n_test = len(dm.splits.test)
+    if cfg.eval.get("enabled", True) and n_test <= max(factors) * spec.model.context_length:
         raise RunConfigError(
-            f"the test split holds {len(dm.test_tokens())} tokens, fewer than one evaluation window of "
+            f"the test split holds {n_test} tokens, fewer than one evaluation window of "
             f"max(eval.factors)={max(factors)} x model.context_length={spec.model.context_length}; "
             f"use more text, a larger data.test_fraction, or smaller eval.factors"
         )

@@ -38,11 +38,6 @@ def compose_config(overrides: list[str]) -> DictConfig:
         return compose("train", overrides=extra + list(overrides))
 
 
-def model_config(cfg: DictConfig) -> ModelConfig:
-    """The ModelConfig training builds from this config (see pipeline.config)."""
-    return model_from_config(OmegaConf.to_container(cfg, resolve=True))[0]
-
-
 def describe(m: ModelConfig, preset: str | None) -> str:
     kv = f" ({m.n_kv_heads} kv heads)" if m.n_kv_heads != m.n_heads else ""
     ffn = m.ffn.name + (f" ({m.ffn.top_k} of {m.ffn.n_experts} experts)" if m.ffn.name == "moe" else "")
@@ -59,13 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = compose_config(argv)
-        model = model_config(cfg)
+        model, preset = model_from_config(OmegaConf.to_container(cfg, resolve=True))  # as training builds it
         c = cfg.cost
         cost = analytic_cost(model, context_length=c.context, batch=c.batch, bytes_per_element=c.bytes)
     except (HydraException, OmegaConfBaseException, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(describe(model, OmegaConf.select(cfg, "model.preset")))
+    print(describe(model, preset))
     print(format_table(cost))
     max_len = getattr(model.pos_enc, "max_len", None)
     if max_len is not None and cost["context_length"] > max_len:

@@ -97,7 +97,6 @@ def run(cfg: DictConfig, spec: RunSpec, overrides: list[str], out_dir: Path,
     import lightning as L
     import mlflow
     import optuna
-    import torch
     from hydra.utils import instantiate
 
     from pipeline import tracking

@@ -7,11 +7,10 @@ STAMP := $(VENV)/.installed
 STUDY ?= full_grid
 ARGS ?=
 PORT ?= 5000
-# Tests default to both cores; CI machines have 2.
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow ablate ui report cost bench gpu-check clean
+.PHONY: help install lint format test test-slow ablate ui report cost bench gpu-check clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -25,6 +24,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP) ## Create .venv and install the project with its test extra (idempotent)
+
+lint: $(STAMP) ## ruff: lint, import order and formatting (check only)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP) ## ruff: apply fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 test: $(STAMP) ## Run the test suite (CPU, offline; slow and gpu tests left out)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

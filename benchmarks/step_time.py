@@ -7,8 +7,8 @@ vocab 256, CPU. Compared in one run, interleaved round by round so that a busy m
 every model alike: our gpt2 preset; a minimal hand-written GPT (below, nanoGPT-style); HF
 GPT2LMHeadModel; our llama preset; HF LlamaForCausalLM. Warm-up steps are excluded; the
 reported numbers are the median wall time and the median process CPU time of a step (the latter
-is robust to other processes sharing the cores; with --threads 1 it is the cleanest comparison). Targets: gpt2 within 10% of the minimal GPT, llama
-at least as fast as HF Llama.
+is robust to other processes sharing the cores; with --threads 1 it is the cleanest comparison).
+Targets: gpt2 within 10% of the minimal GPT, llama at least as fast as HF Llama.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ import argparse
 import os
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.components.ffn import swiglu_hidden
 from pipeline.model import DecoderLM, ModelConfig
+from pipeline.model.components.ffn import swiglu_hidden
 
 D, L, H, CTX, BATCH, VOCAB = 64, 2, 4, 64, 16, 256
 
@@ -66,16 +66,35 @@ def contestants() -> dict[str, tuple[nn.Module, Callable[[nn.Module, Tensor], Te
     import transformers
 
     sizes = dict(d_model=D, n_layers=L, n_heads=H, context_length=CTX, vocab_size=VOCAB)
-    ours = lambda m, x: m(x)  # noqa: E731
-    hf = lambda m, x: m(input_ids=x).logits  # noqa: E731
+    ours = lambda m, x: m(x)
+    hf = lambda m, x: m(input_ids=x).logits
     none = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    gpt2_hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=VOCAB, n_positions=CTX, n_embd=D, n_layer=L, n_head=H, resid_pdrop=0.0,
-        embd_pdrop=0.0, attn_pdrop=0.0, **none))
-    llama_hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=D, intermediate_size=swiglu_hidden(D, 64), num_hidden_layers=L,
-        num_attention_heads=H, num_key_value_heads=2, max_position_embeddings=CTX,
-        tie_word_embeddings=False, **none))
+    gpt2_hf = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            vocab_size=VOCAB,
+            n_positions=CTX,
+            n_embd=D,
+            n_layer=L,
+            n_head=H,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **none,
+        )
+    )
+    llama_hf = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=D,
+            intermediate_size=swiglu_hidden(D, 64),
+            num_hidden_layers=L,
+            num_attention_heads=H,
+            num_key_value_heads=2,
+            max_position_embeddings=CTX,
+            tie_word_embeddings=False,
+            **none,
+        )
+    )
     models = {
         "ours gpt2": (DecoderLM(ModelConfig.from_preset("gpt2", **sizes)), ours),
         "minimal GPT": (MiniGPT(), ours),
@@ -88,10 +107,26 @@ def contestants() -> dict[str, tuple[nn.Module, Callable[[nn.Module, Tensor], Te
     except ImportError:
         return models
     # LLaMA-shaped: RoPE, RMSNorm, 2 kv heads, SwiGLU with our hidden width (3 x 64), no biases.
-    models["x-transformers llama"] = (TransformerWrapper(
-        num_tokens=VOCAB, max_seq_len=CTX, use_abs_pos_emb=False,
-        attn_layers=Decoder(dim=D, depth=L, heads=H, attn_kv_heads=2, rotary_pos_emb=True, use_rmsnorm=True,
-                            ff_glu=True, ff_swish=True, ff_mult=swiglu_hidden(D, 64) / D, ff_no_bias=True)), ours)
+    models["x-transformers llama"] = (
+        TransformerWrapper(
+            num_tokens=VOCAB,
+            max_seq_len=CTX,
+            use_abs_pos_emb=False,
+            attn_layers=Decoder(
+                dim=D,
+                depth=L,
+                heads=H,
+                attn_kv_heads=2,
+                rotary_pos_emb=True,
+                use_rmsnorm=True,
+                ff_glu=True,
+                ff_swish=True,
+                ff_mult=swiglu_hidden(D, 64) / D,
+                ff_no_bias=True,
+            ),
+        ),
+        ours,
+    )
     return models
 
 
@@ -141,23 +176,29 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ms = {name: 1e3 * statistics.median(t) for name, t in wall.items()}
     cpu_ms = {name: 1e3 * statistics.median(t) for name, t in cpu.items()}
 
-    print(f"fwd+bwd+AdamW, d_model {D}, {L} layers, {H} heads, context {CTX}, batch {BATCH}, "
-          f"vocab {VOCAB}, CPU, {torch.get_num_threads()} threads; median of {per_round * args.rounds} "
-          f"steps; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(
+        f"fwd+bwd+AdamW, d_model {D}, {L} layers, {H} heads, context {CTX}, batch {BATCH}, "
+        f"vocab {VOCAB}, CPU, {torch.get_num_threads()} threads; median of {per_round * args.rounds} "
+        f"steps; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
     ref = {"ours gpt2": "minimal GPT", "HF GPT2LMHeadModel": "minimal GPT", "ours llama": "HF LlamaForCausalLM"}
     print(f"{'model':<22}{'wall ms':>9}{'cpu ms':>9}  ratio wall (cpu)")
     for name in steps:
         r = ref.get(name)
         ratio = f"{ms[name] / ms[r]:.2f}x ({cpu_ms[name] / cpu_ms[r]:.2f}x) {r}" if r else ""
         print(f"{name:<22}{ms[name]:>9.2f}{cpu_ms[name]:>9.2f}  {ratio}")
-    targets = [("gpt2 <= 1.10x minimal GPT", "ours gpt2", "minimal GPT", 1.10),
-               ("llama <= 1.00x HF Llama  ", "ours llama", "HF LlamaForCausalLM", 1.00)]
+    targets = [
+        ("gpt2 <= 1.10x minimal GPT", "ours gpt2", "minimal GPT", 1.10),
+        ("llama <= 1.00x HF Llama  ", "ours llama", "HF LlamaForCausalLM", 1.00),
+    ]
     if "x-transformers llama" in ms:
         targets.append(("llama <= 0.67x x-transf. ", "ours llama", "x-transformers llama", 1 / 1.5))
     for label, num, den, bound in targets:
         w, c = ms[num] / ms[den], cpu_ms[num] / cpu_ms[den]
-        print(f"target {label}: wall {w:.2f}x {'met' if w <= bound else 'MISSED'}, "
-              f"cpu {c:.2f}x {'met' if c <= bound else 'MISSED'}")
+        print(
+            f"target {label}: wall {w:.2f}x {'met' if w <= bound else 'MISSED'}, "
+            f"cpu {c:.2f}x {'met' if c <= bound else 'MISSED'}"
+        )
     return ms
 
 

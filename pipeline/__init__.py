@@ -1,7 +1,10 @@
-"""Architecture ablations of decoder-only language models.
+"""Architecture ablations of decoder-only language models (see README.md).
 
-The model (`pipeline.model`) is pure PyTorch; training, tracking and sweeps live in their
-own modules and import the model, never the other way round.
+Subpackages: `model` (pure PyTorch), `data`, `run` (spec, LightningModule, runner), `tracking`
+(MLflow), `evaluate`, `analysis` (the study report), `interop`. The top-level modules `train`,
+`rerun`, `cost` and `report` are the command-line entry points.
 """
 
-__version__ = "0.1.0"
+from pathlib import Path
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # Hydra configs; studies in conf/ablation/

@@ -3,9 +3,9 @@ r"""Analytic inference cost of any configuration, without training or building t
     python -m pipeline.cost model=llama model.n_layers=32 model.d_model=4096 model.n_heads=32 \
         model.attention.n_kv_heads=8 model.vocab_size=32000 cost.context=32768 cost.batch=1
 
-Overrides are the training command's (conf/train.yaml) plus `cost.context` (default: the
+Overrides are the training command's (pipeline/conf/train.yaml) plus `cost.context` (default: the
 model's context_length), `cost.batch` (1) and `cost.bytes` (bytes per KV element, 2) from
-conf/cost/default.yaml. The training budget is left out, so a preset keeps its own size
+pipeline/conf/cost/default.yaml. The training budget is left out, so a preset keeps its own size
 (`model=gpt3` is GPT-3 Small at 2048 context); pass `budget=cpu|gpu` to see a budget's model.
 Conventions of every number: pipeline/evaluate/cost.py and docs/evaluation.md.
 """
@@ -13,18 +13,16 @@ Conventions of every number: pipeline/evaluate/cost.py and docs/evaluation.md.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipeline import CONF_DIR
 from pipeline.evaluate.cost import analytic_cost, format_table
-from pipeline.config import model_from_config, resolve_budget
 from pipeline.model import ConfigError, ModelConfig
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from pipeline.run.spec import model_from_config, resolve_budget
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
@@ -42,9 +40,11 @@ def describe(m: ModelConfig, preset: str | None) -> str:
     kv = f" ({m.n_kv_heads} kv heads)" if m.n_kv_heads != m.n_heads else ""
     ffn = m.ffn.name + (f" ({m.ffn.top_k} of {m.ffn.n_experts} experts)" if m.ffn.name == "moe" else "")
     head = f"{preset}: " if preset else ""
-    return (f"{head}{m.pos_enc.name} / {m.norm.name} ({m.norm.placement}) / {m.attention.name}{kv} / {ffn}; "
-            f"d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads, vocab {m.vocab_size}, "
-            f"trained context {m.context_length}")
+    return (
+        f"{head}{m.pos_enc.name} / {m.norm.name} ({m.placement}) / {m.attention.name}{kv} / {ffn}; "
+        f"d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads, vocab {m.vocab_size}, "
+        f"trained context {m.context_length}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(cost))
     max_len = getattr(model.pos_enc, "max_len", None)
     if max_len is not None and cost["context_length"] > max_len:
-        print(f"note: context {int(cost['context_length'])} is past the learned position table "
-              f"({max_len} rows); this model cannot run there")
+        print(
+            f"note: context {int(cost['context_length'])} is past the learned position table "
+            f"({max_len} rows); this model cannot run there"
+        )
     return 0
 
 

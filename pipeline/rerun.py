@@ -14,7 +14,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.train import CONF_DIR, INVALID_CONFIG, _fail_fast, run, validate_config
+from pipeline import CONF_DIR
+from pipeline.run.spec import INVALID_CONFIG, validate_config
 
 COMPONENT_GROUPS = ("model/pos_enc", "model/norm", "model/attention", "model/ffn")
 
@@ -27,40 +28,53 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         if "/" in key:
             if key not in COMPONENT_GROUPS:
                 raise ValueError(f"rerun can swap only component groups ({', '.join(COMPONENT_GROUPS)}); got '{key}'")
-            path = Path(CONF_DIR) / key / f"{value}.yaml"
+            path = CONF_DIR / key / f"{value}.yaml"
             if not path.exists():
                 valid = sorted(p.stem for p in path.parent.glob("*.yaml"))
                 raise ValueError(f"{key}={value} is not an option; valid: {', '.join(valid)}")
             OmegaConf.update(cfg, key.replace("/", "."), OmegaConf.load(path), merge=False)
         else:
-            OmegaConf.update(cfg, key.lstrip("+"), OmegaConf.from_dotlist([f"x={value}"]).x, force_add=key.startswith("+"))
+            OmegaConf.update(
+                cfg, key.lstrip("+"), OmegaConf.from_dotlist([f"x={value}"]).x, force_add=key.startswith("+")
+            )
     return cfg
 
 
-def main(argv: list[str]) -> float:
+def main(argv: list[str] | None = None) -> int:
+    """Rerun RUN_ID from its recorded config; returns the process exit code."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from pipeline.tracking import tracking_uri
+    from pipeline.run.runner import run
+    from pipeline.tracking import resolve_tracking_uri
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-"):
-        _fail_fast("usage: python -m pipeline.rerun RUN_ID [key=value ...]")
+        print("usage: python -m pipeline.rerun RUN_ID [key=value ...]", file=sys.stderr)
+        return 2
     run_id, overrides = argv[0], argv[1:]
-    client = MlflowClient(tracking_uri())
+    # The store holding the run: a `tracking.uri=` override, else MLFLOW_TRACKING_URI, else
+    # ./mlflow.db. The rerun is logged to that same store, beside its original.
+    given = [o.partition("=")[2] for o in overrides if o.startswith("tracking.uri=")]
+    uri = resolve_tracking_uri(given[-1] if given else None)
     try:
+        client = MlflowClient(uri)
         with tempfile.TemporaryDirectory() as tmp:
             cfg = OmegaConf.load(client.download_artifacts(run_id, "config.yaml", tmp))
     except MlflowException as e:
-        _fail_fast(f"cannot read run {run_id} in {tracking_uri()}: {e.message.splitlines()[0]}")
+        print(f"error: cannot read run {run_id} in {uri}: {e.message.splitlines()[0]}", file=sys.stderr)
+        return 2
     OmegaConf.set_struct(cfg, True)
     try:
         cfg = apply_overrides(cfg, overrides)
         spec = validate_config(cfg)
     except (*INVALID_CONFIG, ValueError, KeyError) as e:
-        _fail_fast(str(e))
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     out_dir = Path("outputs") / cfg.study / f"rerun-{run_id[:8]}-{time.strftime('%Y-%m-%d_%H-%M-%S')}"
-    return run(cfg, spec, overrides, out_dir, extra_tags={"rerun_of": run_id})
+    run(cfg, spec, overrides, out_dir, extra_tags={"rerun_of": run_id}, tracking_uri=uri)
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main())

@@ -43,27 +43,47 @@ def _metrics(key: str, values, steps, t0: int) -> list[Metric]:
     return [Metric(key, float(v), t0 + i, int(s)) for i, (s, v) in enumerate(zip(steps, values))]
 
 
-def log_run(client: MlflowClient, exp_id: str, parent_id: str | None, study: str,
-            levels: dict[str, str], seed: int, d_model: int = 64, status: str = "FINISHED",
-            last_step: int = STEPS[-1], loss_of_compute: Callable[[dict, float], float] | None = None,
-            ) -> tuple[str, dict[str, float], float]:
+def log_run(
+    client: MlflowClient,
+    exp_id: str,
+    parent_id: str | None,
+    study: str,
+    levels: dict[str, str],
+    seed: int,
+    d_model: int = 64,
+    status: str = "FINISHED",
+    last_step: int = STEPS[-1],
+    loss_of_compute: Callable[[dict, float], float] | None = None,
+) -> tuple[str, dict[str, float], float]:
     start = int(time.time() * 1000) - 100_000
     wall = 30.0 + 5 * (levels["ffn"] == "moe") + seed
     tags = {**levels, "study": study, "seed": str(seed), "git_commit": "abc123", "preset": ""}
     if parent_id:
         tags["mlflow.parentRunId"] = parent_id
-    run = client.create_run(exp_id, start_time=start, tags=tags,
-                            run_name="-".join(levels.values()) + f"-d{d_model}-s{seed}")
+    run = client.create_run(
+        exp_id, start_time=start, tags=tags, run_name="-".join(levels.values()) + f"-d{d_model}-s{seed}"
+    )
     rid = run.info.run_id
     n_kv = {"mha": "4", "gqa": "2", "mqa": "1"}[levels["attention"]]
     params = {
-        "seed": seed, "study": study, "model.d_model": d_model, "model.n_layers": 2,
-        "model.n_heads": 4, "model.context_length": CONTEXT, "model.vocab_size": 256,
-        "model.pos_enc.name": levels["pos_enc"], "model.norm.name": levels["norm"],
-        "model.norm.placement": "pre", "model.attention.name": levels["attention"],
-        "model.attention.n_kv_heads": n_kv, "model.ffn.name": levels["ffn"],
-        "optimizer.lr": 3e-3, "trainer.max_steps": STEPS[-1], "data.batch_size": BATCH,
-        "tracking.run_name": f"run-{seed}", "tracking.uri": "None",
+        "seed": seed,
+        "study": study,
+        "model.d_model": d_model,
+        "model.n_layers": 2,
+        "model.n_heads": 4,
+        "model.context_length": CONTEXT,
+        "model.vocab_size": 256,
+        "model.pos_enc.name": levels["pos_enc"],
+        "model.norm.name": levels["norm"],
+        "model.placement": "pre",
+        "model.attention.name": levels["attention"],
+        "model.attention.n_kv_heads": n_kv,
+        "model.ffn.name": levels["ffn"],
+        "optimizer.lr": 3e-3,
+        "trainer.max_steps": STEPS[-1],
+        "data.batch_size": BATCH,
+        "tracking.run_name": f"run-{seed}",
+        "tracking.uri": "None",
     }
     if levels["pos_enc"] == "rope":
         params["model.pos_enc.theta"] = 10000.0
@@ -76,26 +96,37 @@ def log_run(client: MlflowClient, exp_id: str, parent_id: str | None, study: str
     steps = [s for s in STEPS if s <= last_step]
     curve = [final + 0.5 * (STEPS[-1] - s) / STEPS[-1] for s in steps]
     t0 = start + 1000
-    metrics = (_metrics("val/loss", curve, steps, t0) + _metrics("val/ppl", map(math.exp, curve), steps, t0)
-               + _metrics("train/loss", [c + 0.05 for c in curve], steps, t0)
-               + _metrics("train/tokens_seen", [s * BATCH * CONTEXT for s in steps], steps, t0))
+    metrics = (
+        _metrics("val/loss", curve, steps, t0)
+        + _metrics("val/ppl", map(math.exp, curve), steps, t0)
+        + _metrics("train/loss", [c + 0.05 for c in curve], steps, t0)
+        + _metrics("train/tokens_seen", [s * BATCH * CONTEXT for s in steps], steps, t0)
+    )
     finals = {"val/loss": final, "val/ppl": math.exp(final)}
     if status == "FINISHED":
-        finals.update({
-            **{f"extrap/ppl_x{f}": math.exp(final) * (1 + (f - 1) * (0.02 if levels["pos_enc"] == "rope" else 0.5))
-               for f in FACTORS},
-            "cost/params_total": n_params, "cost/params_active": active,
-            "cost/flops_per_token": 6.0 * active, "cost/kv_bytes_per_token": 2 * 2 * int(n_kv) * 16 * 2,
-            "cost/decode_tokens_per_s": 1000.0 + 100 * seed - 300 * (levels["ffn"] == "moe"),
-            "cost/prefill_tokens_per_s": 20000.0, "cost/peak_mem_bytes": 1e8,
-            "cost/train_tokens_per_s": 5000.0 + 10 * seed,
-        })
+        finals.update(
+            {
+                **{
+                    f"extrap/ppl_x{f}": math.exp(final) * (1 + (f - 1) * (0.02 if levels["pos_enc"] == "rope" else 0.5))
+                    for f in FACTORS
+                },
+                "cost/params_total": n_params,
+                "cost/params_active": active,
+                "cost/flops_per_token": 6.0 * active,
+                "cost/kv_bytes_per_token": 2 * 2 * int(n_kv) * 16 * 2,
+                "cost/decode_tokens_per_s": 1000.0 + 100 * seed - 300 * (levels["ffn"] == "moe"),
+                "cost/prefill_tokens_per_s": 20000.0,
+                "cost/peak_mem_bytes": 1e8,
+                "cost/train_tokens_per_s": 5000.0 + 10 * seed,
+            }
+        )
         if levels["ffn"] == "moe":
             for layer, e in product(range(2), range(4)):
                 finals[f"moe/load/l{layer}/e{e}"] = [0.4, 0.3, 0.2, 0.1][e] if layer == 0 else 0.25
             finals.update({"moe/balance": 1.1, "moe/z": 0.5})
-        metrics += [Metric(k, float(v), t0 + 99, STEPS[-1]) for k, v in finals.items()
-                    if k not in ("val/loss", "val/ppl")]
+        metrics += [
+            Metric(k, float(v), t0 + 99, STEPS[-1]) for k, v in finals.items() if k not in ("val/loss", "val/ppl")
+        ]
     client.log_batch(rid, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
     if status == "KILLED":
         client.set_tag(rid, "pruned", "true")
@@ -105,29 +136,36 @@ def log_run(client: MlflowClient, exp_id: str, parent_id: str | None, study: str
     return rid, finals, wall
 
 
-def log_grid(uri: str, artifact_root: str, study: str, pos_enc=("learned", "rope"),
-             ffn=("gelu", "moe"), seeds=(0, 1), sizes=(64,), failures: bool = True,
-             parent: bool = True, loss_of_compute=None) -> Logged:
+def log_grid(
+    uri: str,
+    artifact_root: str,
+    study: str,
+    pos_enc=("learned", "rope"),
+    ffn=("gelu", "moe"),
+    seeds=(0, 1),
+    sizes=(64,),
+    failures: bool = True,
+    parent: bool = True,
+    loss_of_compute=None,
+) -> Logged:
     """pos_enc x ffn (x sizes) x seeds, attention=mha, norm=layernorm; plus a failed and a
     pruned trial when `failures`."""
     client = MlflowClient(uri)
     exp_id = client.create_experiment(study, artifact_location=f"{artifact_root}/{study}")
     parent_id = None
     if parent:
-        parent_id = client.create_run(exp_id, run_name=f"sweep-{study}",
-                                      tags={"sweep": "true", "study": study}).info.run_id
+        parent_id = client.create_run(
+            exp_id, run_name=f"sweep-{study}", tags={"sweep": "true", "study": study}
+        ).info.run_id
     out = Logged(exp_id, parent_id)
     for p, f, d, s in product(pos_enc, ffn, sizes, seeds):
         levels = {"pos_enc": p, "norm": "layernorm", "attention": "mha", "ffn": f}
-        rid, finals, wall = log_run(client, exp_id, parent_id, study, levels, s, d,
-                                    loss_of_compute=loss_of_compute)
+        rid, finals, wall = log_run(client, exp_id, parent_id, study, levels, s, d, loss_of_compute=loss_of_compute)
         out.runs[rid] = (levels, s, finals, wall)
     if failures:
         levels = {"pos_enc": "rope", "norm": "rmsnorm", "attention": "gqa", "ffn": "gelu"}
-        out.failed_id = log_run(client, exp_id, parent_id, study, levels, 0, status="FAILED",
-                                last_step=0)[0]
-        out.pruned_id = log_run(client, exp_id, parent_id, study, levels, 1, status="KILLED",
-                                last_step=20)[0]
+        out.failed_id = log_run(client, exp_id, parent_id, study, levels, 0, status="FAILED", last_step=0)[0]
+        out.pruned_id = log_run(client, exp_id, parent_id, study, levels, 1, status="KILLED", last_step=20)[0]
     if parent_id:
         client.set_terminated(parent_id)
     return out

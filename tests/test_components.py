@@ -15,9 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.components import ATTENTION, FFN, NORM, POS_ENC
-from pipeline.components.pos_enc import alibi_slopes
-from pipeline.model import DecoderLM, ModelConfig, sample
+from pipeline.model import DecoderLM, ModelConfig
+from pipeline.model.components import ATTENTION, FFN, NORM, POS_ENC
+from pipeline.model.components.pos_enc import alibi_slopes
+from pipeline.model.decoder import sample
 
 B, T, V = 2, 12, 50
 COMBOS = list(itertools.product(POS_ENC.names(), NORM.names(), ATTENTION.names(), FFN.names(), ("pre", "post")))
@@ -34,17 +35,29 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def make_config(pos: str, norm: str, attn: str, ffn: str, placement: str, backend: str = "sdpa",
-                **extra) -> ModelConfig:
+def make_config(
+    pos: str, norm: str, attn: str, ffn: str, placement: str, backend: str = "sdpa", **extra
+) -> ModelConfig:
     attention = {"name": attn, "backend": backend}
     if attn == "gqa":
         attention["n_kv_heads"] = 2
     ffn_cfg = {"name": ffn}
     if ffn == "moe":
         ffn_cfg.update(n_experts=4, top_k=2)
-    return ModelConfig(d_model=32, n_layers=2, n_heads=4, context_length=T, vocab_size=V,
-                       pos_enc={"name": pos}, norm={"name": norm, "placement": placement},
-                       attention=attention, ffn=ffn_cfg, init_std=0.2, **extra)
+    return ModelConfig(
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        context_length=T,
+        vocab_size=V,
+        pos_enc={"name": pos},
+        norm={"name": norm},
+        placement=placement,
+        attention=attention,
+        ffn=ffn_cfg,
+        init_std=0.2,
+        **extra,
+    )
 
 
 @functools.cache
@@ -141,12 +154,15 @@ def test_alibi_slopes_power_of_two():
     torch.testing.assert_close(alibi_slopes(4), torch.tensor([2.0**-i for i in (2, 4, 6, 8)]))
 
 
-@pytest.mark.parametrize("n_heads, exponents", [
-    # 6 heads: the 4-head slopes, then every other slope of the 8-head sequence (1/2, 1/8).
-    (6, [2, 4, 6, 8, 1, 3]),
-    # 12 heads: the 8-head slopes, then 2^-0.5, 2^-1.5, 2^-2.5, 2^-3.5 from the 16-head sequence.
-    (12, [1, 2, 3, 4, 5, 6, 7, 8, 0.5, 1.5, 2.5, 3.5]),
-])
+@pytest.mark.parametrize(
+    "n_heads, exponents",
+    [
+        # 6 heads: the 4-head slopes, then every other slope of the 8-head sequence (1/2, 1/8).
+        (6, [2, 4, 6, 8, 1, 3]),
+        # 12 heads: the 8-head slopes, then 2^-0.5, 2^-1.5, 2^-2.5, 2^-3.5 from the 16-head sequence.
+        (12, [1, 2, 3, 4, 5, 6, 7, 8, 0.5, 1.5, 2.5, 3.5]),
+    ],
+)
 def test_alibi_slopes_not_power_of_two(n_heads, exponents):
     torch.testing.assert_close(alibi_slopes(n_heads), torch.tensor([2.0**-e for e in exponents]))
 
@@ -172,10 +188,15 @@ def test_learned_positions_error_past_max_len():
 
 
 # -- generation --------------------------------------------------------------------------------
-@pytest.mark.parametrize("combo", [("rope", "rmsnorm", "gqa", "moe", "pre"),
-                                   ("alibi", "layernorm", "mqa", "gelu", "post"),
-                                   ("learned", "layernorm", "mha", "swiglu", "pre")],
-                         ids=lambda c: "-".join(c))
+@pytest.mark.parametrize(
+    "combo",
+    [
+        ("rope", "rmsnorm", "gqa", "moe", "pre"),
+        ("alibi", "layernorm", "mqa", "gelu", "post"),
+        ("learned", "layernorm", "mha", "swiglu", "pre"),
+    ],
+    ids=lambda c: "-".join(c),
+)
 def test_generate_greedy_equals_argmax_continuation(combo):
     model = model_for(combo)
     prompt = tokens(length=4)

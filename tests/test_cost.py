@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from pipeline.components import ATTENTION, FFN, POS_ENC
 from pipeline.cost import main as cost_main
 from pipeline.evaluate.cost import analytic_cost, measure_inference, time_generation
 from pipeline.model import DecoderLM, ModelConfig
-from pipeline.presets import PRESETS
+from pipeline.model.components import ATTENTION, FFN, POS_ENC
+from pipeline.model.presets import PRESETS
 
 SMALL = {"d_model": 64, "n_layers": 2, "n_heads": 4, "context_length": 32}
 
@@ -83,8 +83,10 @@ def test_gqa_with_a_quarter_of_the_heads_has_a_quarter_of_the_kv_bytes() -> None
     mha = small("llama", n_heads=8, attention={"name": "mha"})
     gqa = small("llama", n_heads=8, attention={"name": "gqa", "n_kv_heads": 2})
     assert analytic_cost(gqa)["kv_bytes_per_token"] * 4 == analytic_cost(mha)["kv_bytes_per_token"]
-    assert analytic_cost(gqa, batch=3, context_length=100)["kv_bytes"] * 4 == \
-        analytic_cost(mha, batch=3, context_length=100)["kv_bytes"]
+    assert (
+        analytic_cost(gqa, batch=3, context_length=100)["kv_bytes"] * 4
+        == analytic_cost(mha, batch=3, context_length=100)["kv_bytes"]
+    )
 
 
 @pytest.mark.parametrize("attn", ATTENTION.names())
@@ -123,11 +125,13 @@ def test_single_expert_moe_is_the_dense_swiglu_plus_its_router() -> None:
 def test_published_parameter_counts() -> None:
     """LLaMA-7B (6.74B) and Mixtral 8x7B (46.7B total, 12.9B active) from their shapes."""
     shape = {"d_model": 4096, "n_layers": 32, "n_heads": 32, "vocab_size": 32000, "context_length": 2048}
-    llama = ModelConfig.from_preset("llama", **shape, attention={"name": "mha"},
-                                    ffn={"name": "swiglu", "multiple_of": 256})
+    llama = ModelConfig.from_preset(
+        "llama", **shape, attention={"name": "mha"}, ffn={"name": "swiglu", "multiple_of": 256}
+    )
     assert analytic_cost(llama)["params_total"] == 6_738_415_616
-    mixtral = ModelConfig.from_preset("mixtral", **shape, attention={"name": "gqa", "n_kv_heads": 8},
-                                      ffn={"name": "moe", "hidden": 14336})
+    mixtral = ModelConfig.from_preset(
+        "mixtral", **shape, attention={"name": "gqa", "n_kv_heads": 8}, ffn={"name": "moe", "hidden": 14336}
+    )
     cost = analytic_cost(mixtral)
     assert round(cost["params_total"] / 1e9, 1) == 46.7
     assert round(cost["params_active"] / 1e9, 1) == 12.9
@@ -166,10 +170,16 @@ def test_cached_and_uncached_decode_generate_the_same_tokens() -> None:
 
 def test_measure_inference_batches_amortize_decode_steps(one_thread: None) -> None:
     model = DecoderLM(small("gpt2"))
-    out = measure_inference(model, torch.device("cpu"), batch_sizes=[1, 8], prompt_tokens=16,
-                            new_tokens=8, repeats=3, warmup=1)
-    assert set(out) == {"prefill_tokens_per_s", "decode_tokens_per_s", "prefill_tokens_per_s_b8",
-                        "decode_tokens_per_s_b8", "peak_mem_bytes"}
+    out = measure_inference(
+        model, torch.device("cpu"), batch_sizes=[1, 8], prompt_tokens=16, new_tokens=8, repeats=3, warmup=1
+    )
+    assert set(out) == {
+        "prefill_tokens_per_s",
+        "decode_tokens_per_s",
+        "prefill_tokens_per_s_b8",
+        "decode_tokens_per_s_b8",
+        "peak_mem_bytes",
+    }
     # A tiny model's decode step costs about the same for 1 or 8 sequences.
     assert out["decode_tokens_per_s_b8"] > out["decode_tokens_per_s"]
     assert out["peak_mem_bytes"] > 0
@@ -189,12 +199,21 @@ def test_measure_inference_rejects_a_prompt_past_the_learned_table() -> None:
 
 
 def test_cost_cli_prints_the_table_for_overrides(capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["model=llama", "model.n_layers=4", "model.d_model=256", "model.n_heads=8",
-            "model.attention.n_kv_heads=2", "cost.context=4096", "cost.batch=3", "cost.bytes=4"]
+    argv = [
+        "model=llama",
+        "model.n_layers=4",
+        "model.d_model=256",
+        "model.n_heads=8",
+        "model.attention.n_kv_heads=2",
+        "cost.context=4096",
+        "cost.batch=3",
+        "cost.bytes=4",
+    ]
     assert cost_main(argv) == 0
     out = capsys.readouterr().out
-    cfg = ModelConfig.from_preset("llama", n_layers=4, d_model=256, n_heads=8,
-                                  attention={"name": "gqa", "n_kv_heads": 2})
+    cfg = ModelConfig.from_preset(
+        "llama", n_layers=4, d_model=256, n_heads=8, attention={"name": "gqa", "n_kv_heads": 2}
+    )
     expected = analytic_cost(cfg, context_length=4096, batch=3, bytes_per_element=4)
     assert f"{expected['params_total']:.0f}" in out
     assert f"{expected['kv_bytes']:.0f}" in out  # 2*4*2*32*4 B * 4096 * 3

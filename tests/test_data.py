@@ -10,17 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-import pipeline.data as data
-from pipeline.data import (
-    ByteTokenizer,
-    DataConfig,
-    DataConfigError,
-    LMDataModule,
-    RandomWindows,
-    cache_key,
-    embedded_documents,
-    load_token_splits,
-)
+from pipeline.data import DataConfig, DataConfigError, LMDataModule, load_token_splits, splits
+from pipeline.data.cache import cache_key
+from pipeline.data.config import SPLITS
+from pipeline.data.datamodule import RandomWindows
+from pipeline.data.sources import embedded_documents
+from pipeline.data.tokenizers import ByteTokenizer
 
 CPU_CONTEXT = 64  # the CPU budget's training context; extrapolation evals go to 8x
 
@@ -55,7 +50,7 @@ def documents_of(tokens: np.ndarray) -> list[str]:
 
 def test_embedded_splits_are_disjoint_by_document_and_cover_the_corpus(embedded):
     _, splits = embedded
-    docs = {s: documents_of(getattr(splits, s)) for s in data.SPLITS}
+    docs = {s: documents_of(getattr(splits, s)) for s in SPLITS}
     sets = {s: set(d) for s, d in docs.items()}
     assert not sets["train"] & sets["val"] and not sets["train"] & sets["test"] and not sets["val"] & sets["test"]
     corpus = embedded_documents()["text"]
@@ -68,7 +63,7 @@ def test_embedded_splits_are_deterministic_and_seeded(embedded, tmp_path):
     cfg, splits = embedded
     again = load_token_splits(cfg, tmp_path / "a")  # fresh cache dir: tokenized again
     assert not again.cache_hit
-    for s in data.SPLITS:
+    for s in SPLITS:
         np.testing.assert_array_equal(getattr(again, s), getattr(splits, s))
     other = load_token_splits(DataConfig.from_dict({"split_seed": 1}), tmp_path / "b")
     assert set(documents_of(other.test)) != set(documents_of(splits.test))
@@ -79,7 +74,7 @@ def test_embedded_held_out_splits_are_big_enough(embedded):
     assert splits.vocab_size == 256 and splits.train.dtype == np.uint8
     # Extrapolation at 8x the CPU context over at least 4 windows.
     assert len(splits.test) >= 8 * CPU_CONTEXT * 4
-    total = sum(len(getattr(splits, s)) for s in data.SPLITS)
+    total = sum(len(getattr(splits, s)) for s in SPLITS)
     assert len(splits.test) >= cfg.test_fraction * total and len(splits.val) >= cfg.val_fraction * total
 
 
@@ -98,7 +93,7 @@ def test_cache_miss_then_hit_skips_tokenization(tmp_path, monkeypatch):
     second = load_token_splits(cfg)
     assert second.cache_hit and len(calls) == n_calls  # the tokenizer was not called again
     assert second.cache_path == first.cache_path
-    for s in data.SPLITS:
+    for s in SPLITS:
         np.testing.assert_array_equal(getattr(second, s), getattr(first, s))
     assert second.documents == first.documents and second.vocab_size == first.vocab_size
     assert [p.name for p in tmp_path.iterdir()] == [first.cache_path.name]  # no temp files left
@@ -169,21 +164,21 @@ def test_text_files_split_by_document(tmp_path):
     cfg = DataConfig.from_dict({"source": "text_files", "files": sorted(str(p) for p in tmp_path.glob("*.txt"))})
     splits = load_token_splits(cfg, tmp_path / "cache")
     assert splits.split_by == "document"
-    docs = {s: documents_of(getattr(splits, s)) for s in data.SPLITS}
+    docs = {s: documents_of(getattr(splits, s)) for s in SPLITS}
     assert sorted(docs["train"] + docs["val"] + docs["test"]) == sorted(texts)
-    assert all(docs[s] for s in data.SPLITS)
+    assert all(docs[s] for s in SPLITS)
 
 
 def test_hf_local_save_to_disk_dir(tmp_path):
     import datasets
 
     texts = [f"Article {i}: " + "a sentence about nothing in particular. " * (10 + i) for i in range(20)]
-    datasets.DatasetDict(
-        {"train": datasets.Dataset.from_dict({"body": texts, "id": list(range(20))})}
-    ).save_to_disk(str(tmp_path / "ds"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": texts, "id": list(range(20))})}).save_to_disk(
+        str(tmp_path / "ds")
+    )
     cfg = DataConfig.from_dict({"source": "hf", "name": str(tmp_path / "ds"), "text_field": "body"})
     splits = load_token_splits(cfg, tmp_path / "cache")
-    docs = [d for s in data.SPLITS for d in documents_of(getattr(splits, s))]
+    docs = [d for s in SPLITS for d in documents_of(getattr(splits, s))]
     assert splits.split_by == "document" and sorted(docs) == sorted(texts)
 
     bad = DataConfig.from_dict({"source": "hf", "name": str(tmp_path / "ds"), "text_field": "text"})
@@ -197,7 +192,7 @@ def test_hf_local_data_files_dir_through_load_dataset(tmp_path):
     (tmp_path / "ds" / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     cfg = DataConfig.from_dict({"source": "hf", "name": str(tmp_path / "ds")})
     splits = load_token_splits(cfg, tmp_path / "cache")
-    docs = [d for s in data.SPLITS for d in documents_of(getattr(splits, s))]
+    docs = [d for s in SPLITS for d in documents_of(getattr(splits, s))]
     assert sorted(docs) == sorted(texts)
 
 
@@ -208,8 +203,8 @@ def test_missing_file_is_named_before_any_work(tmp_path, monkeypatch):
     def no_work(*args, **kwargs):
         raise AssertionError("data was read before the config was validated")
 
-    monkeypatch.setattr(data, "load_documents", no_work)
-    monkeypatch.setattr(data, "build_tokenizer", no_work)
+    monkeypatch.setattr(splits, "load_documents", no_work)
+    monkeypatch.setattr(splits, "build_tokenizer", no_work)
     (tmp_path / "real.txt").write_text("text")
     missing = str(tmp_path / "nope.txt")
     with pytest.raises(DataConfigError, match="nope.txt"):
@@ -318,6 +313,6 @@ def test_transformers_tokenizer_from_a_local_directory(tmp_path):
     assert cache_key(cfg) != cache_key(DataConfig.from_dict({"source": "text_files", "files": files}))
     splits = load_token_splits(cfg, tmp_path / "cache")
     assert splits.vocab_size == len(vocab) and splits.eos_id == 1 and splits.train.dtype == np.uint16
-    stream = np.concatenate([getattr(splits, s) for s in data.SPLITS])
+    stream = np.concatenate([getattr(splits, s) for s in SPLITS])
     assert (stream == 1).sum() == len(files)  # one end-of-document id per file
     assert set(np.unique(stream)) <= set(range(len(vocab))) and 0 in stream  # digits and "." are unknown

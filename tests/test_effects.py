@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from pipeline.effects import Factorial
+from pipeline.analysis.effects import Factorial
 
 # t quantiles from a printed table (two-sided 95%): df=4 -> 2.776, df=1 -> 12.706, df=2 -> 4.303
 T95 = {1: 12.7062047, 2: 4.3026527, 4: 2.7764451}
@@ -13,14 +13,15 @@ T95 = {1: 12.7062047, 2: 4.3026527, 4: 2.7764451}
 #   (a0,b0): 1.00, 1.20 -> 1.10, 0.02      (a1,b0): 0.80, 0.90 -> 0.85, 0.005
 #   (a0,b1): 1.05, 1.15 -> 1.10, 0.005     (a1,b1): 0.10, 0.30 -> 0.20, 0.02
 CELLS = {
-    ("a0", "b0"): [1.00, 1.20], ("a1", "b0"): [0.80, 0.90],
-    ("a0", "b1"): [1.05, 1.15], ("a1", "b1"): [0.10, 0.30],
+    ("a0", "b0"): [1.00, 1.20],
+    ("a1", "b0"): [0.80, 0.90],
+    ("a0", "b1"): [1.05, 1.15],
+    ("a1", "b1"): [0.10, 0.30],
 }
 
 
 def design(cells=CELLS, reference=None):
-    return Factorial(["A", "B"], cells, {"A": ["a0", "a1"], "B": ["b0", "b1"]},
-                     reference or {"A": "a0", "B": "b0"})
+    return Factorial(["A", "B"], cells, {"A": ["a0", "a1"], "B": ["b0", "b1"]}, reference or {"A": "a0", "B": "b0"})
 
 
 def test_main_effect_matches_hand_computation():
@@ -54,8 +55,12 @@ def test_interaction_matches_hand_computation():
 
 def test_additive_design_has_no_interaction_that_stands_out():
     # y = 1 - 0.3 [A=a1] - 0.1 [B=b1] + noise of +-0.05 (same spread in every cell)
-    cells = {("a0", "b0"): [0.95, 1.05], ("a1", "b0"): [0.65, 0.75],
-             ("a0", "b1"): [0.85, 0.95], ("a1", "b1"): [0.55, 0.65]}
+    cells = {
+        ("a0", "b0"): [0.95, 1.05],
+        ("a1", "b0"): [0.65, 0.75],
+        ("a0", "b1"): [0.85, 0.95],
+        ("a1", "b1"): [0.55, 0.65],
+    }
     d = design(cells)
     assert d.main_effect("A", "a1").estimate == pytest.approx(-0.3)
     assert d.main_effect("B", "b1").estimate == pytest.approx(-0.1)
@@ -73,11 +78,15 @@ def test_reference_level_is_configurable():
 def test_unreplicated_design_uses_cells_as_replicates():
     # 2 x 3, one value per cell: the effect of A averages three paired differences and its
     # interval is the t-interval over them (df = 2).
-    cells = {("a0", "c0"): [1.0], ("a1", "c0"): [0.7],
-             ("a0", "c1"): [2.0], ("a1", "c1"): [1.6],
-             ("a0", "c2"): [3.0], ("a1", "c2"): [2.9]}
-    d = Factorial(["A", "C"], cells, {"A": ["a0", "a1"], "C": ["c0", "c1", "c2"]},
-                  {"A": "a0", "C": "c0"})
+    cells = {
+        ("a0", "c0"): [1.0],
+        ("a1", "c0"): [0.7],
+        ("a0", "c1"): [2.0],
+        ("a1", "c1"): [1.6],
+        ("a0", "c2"): [3.0],
+        ("a1", "c2"): [2.9],
+    }
+    d = Factorial(["A", "C"], cells, {"A": ["a0", "a1"], "C": ["c0", "c1", "c2"]}, {"A": "a0", "C": "c0"})
     assert d.pooled_df == 0
     a = d.main_effect("A", "a1")
     diffs = [-0.3, -0.4, -0.1]

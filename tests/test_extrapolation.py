@@ -10,11 +10,10 @@ import pytest
 import torch
 import yaml
 
-from pipeline.components import POS_ENC
 from pipeline.evaluate import evaluate_run
-from pipeline.evaluate.extrapolation import (eval_span, extrapolation, perplexity, rope_scaled,
-                                             window_nll, windows)
+from pipeline.evaluate.extrapolation import eval_span, extrapolation, perplexity, rope_scaled, window_nll, windows
 from pipeline.model import DecoderLM, ModelConfig
+from pipeline.model.components import POS_ENC
 
 CTX = 16
 CONF = Path(__file__).resolve().parents[1] / "conf" / "eval" / "default.yaml"
@@ -22,8 +21,9 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "eval" / "default.yaml"
 
 def model(pos_enc: str = "alibi", preset: str = "gpt2", **kw) -> DecoderLM:
     torch.manual_seed(0)
-    cfg = ModelConfig.from_preset(preset, d_model=32, n_layers=1, n_heads=2, context_length=CTX,
-                                  pos_enc={"name": pos_enc}, **kw)
+    cfg = ModelConfig.from_preset(
+        preset, d_model=32, n_layers=1, n_heads=2, context_length=CTX, pos_enc={"name": pos_enc}, **kw
+    )
     return DecoderLM(cfg).eval()
 
 
@@ -87,8 +87,9 @@ def test_every_pos_enc_gets_a_finite_number_at_every_factor(pos_enc: str) -> Non
 
 
 def test_learned_positions_past_the_table_are_refused_by_name() -> None:
-    cfg = ModelConfig.from_preset("gpt2", d_model=32, n_layers=1, n_heads=2, context_length=CTX,
-                                  pos_enc={"name": "learned", "max_len": 4 * CTX})
+    cfg = ModelConfig.from_preset(
+        "gpt2", d_model=32, n_layers=1, n_heads=2, context_length=CTX, pos_enc={"name": "learned", "max_len": 4 * CTX}
+    )
     with pytest.raises(ValueError, match="model.pos_enc.max_len=64"):
         extrapolation(DecoderLM(cfg), tokens(), [1, 8], max_windows=1, batch_tokens=512)
 
@@ -106,8 +107,9 @@ def test_rope_scaling_rescales_positions_and_keeps_weights() -> None:
     out = extrapolation(m, tokens(), [1, 2, 4], 1, 512, rope_scaling=["linear", "ntk"])
     assert {"ppl_x2_rope_linear", "ppl_x4_rope_ntk"} <= set(out) and "ppl_x1_rope_linear" not in out
     # Non-rope models have no RoPE-scaled metrics.
-    assert not any("rope" in k for k in extrapolation(model("alibi"), tokens(), [1, 2], 1, 512,
-                                                       rope_scaling=["linear"]))
+    assert not any(
+        "rope" in k for k in extrapolation(model("alibi"), tokens(), [1, 2], 1, 512, rope_scaling=["linear"])
+    )
 
 
 def eval_cfg(**kw) -> dict:
@@ -120,10 +122,20 @@ def eval_cfg(**kw) -> dict:
 def test_evaluate_run_returns_the_schema_metrics_and_artifacts(preset: str, tmp_path: Path) -> None:
     m = model("learned" if preset == "gpt2" else "rope", preset=preset)
     metrics, artifacts = evaluate_run(m, tokens(), eval_cfg(sliding=True), torch.device("cpu"), tmp_path)
-    required = {f"extrap/ppl_x{f}" for f in (1, 2, 4, 8)} | {f"extrap/ppl_sliding_x{f}" for f in (1, 2, 4, 8)} | {
-        "cost/params_total", "cost/params_active", "cost/flops_per_token", "cost/kv_bytes_per_token",
-        "cost/prefill_tokens_per_s", "cost/decode_tokens_per_s", "cost/decode_tokens_per_s_b8",
-        "cost/peak_mem_bytes"}
+    required = (
+        {f"extrap/ppl_x{f}" for f in (1, 2, 4, 8)}
+        | {f"extrap/ppl_sliding_x{f}" for f in (1, 2, 4, 8)}
+        | {
+            "cost/params_total",
+            "cost/params_active",
+            "cost/flops_per_token",
+            "cost/kv_bytes_per_token",
+            "cost/prefill_tokens_per_s",
+            "cost/decode_tokens_per_s",
+            "cost/decode_tokens_per_s_b8",
+            "cost/peak_mem_bytes",
+        }
+    )
     assert required <= set(metrics)
     assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values())
     assert metrics["cost/params_total"] == sum(p.numel() for p in m.parameters())
@@ -180,8 +192,7 @@ def real_text_ppl(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[st
     test = torch.from_numpy(splits.test.astype(np.int64))  # held-out documents
     out = {}
     for pos_enc in ("learned", "sinusoidal", "rope", "alibi"):
-        out[pos_enc] = extrapolation(train_tiny(pos_enc, train), test, [1, 2, 4, 8], max_windows=8,
-                                     batch_tokens=8192)
+        out[pos_enc] = extrapolation(train_tiny(pos_enc, train), test, [1, 2, 4, 8], max_windows=8, batch_tokens=8192)
         print(pos_enc, {k: round(v, 2) for k, v in out[pos_enc].items()})
     return out
 
@@ -198,13 +209,17 @@ def test_alibi_extrapolates_on_real_text(real_text_ppl: dict[str, dict[str, floa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pos_enc", [
-    "learned",
-    "rope",
-    "sinusoidal",
-])
-def test_other_positions_do_not_extrapolate_on_real_text(real_text_ppl: dict[str, dict[str, float]],
-                                                         pos_enc: str) -> None:
+@pytest.mark.parametrize(
+    "pos_enc",
+    [
+        "learned",
+        "rope",
+        "sinusoidal",
+    ],
+)
+def test_other_positions_do_not_extrapolate_on_real_text(
+    real_text_ppl: dict[str, dict[str, float]], pos_enc: str
+) -> None:
     ppl = real_text_ppl[pos_enc]
     assert ppl["ppl_x1"] < 8
     assert ratio(ppl) > 2 * ratio(real_text_ppl["alibi"])

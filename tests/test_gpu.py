@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from cli import TINY, cli
+
 from pipeline.model import DecoderLM, ModelConfig
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -29,7 +29,9 @@ def test_cuda_backends_and_cache_agree(preset: str, pos_enc: str) -> None:
     cfg = ModelConfig.from_preset(preset, **SMALL, pos_enc={"name": pos_enc})
     sdpa = DecoderLM(cfg).cuda().eval()
     attn = {**cfg.to_dict()["attention"], "backend": "math"}
-    math_model = DecoderLM(ModelConfig.from_preset(preset, **SMALL, pos_enc={"name": pos_enc}, attention=attn)).cuda().eval()
+    math_model = (
+        DecoderLM(ModelConfig.from_preset(preset, **SMALL, pos_enc={"name": pos_enc}, attention=attn)).cuda().eval()
+    )
     math_model.load_state_dict(sdpa.state_dict())
     x = torch.randint(0, cfg.vocab_size, (2, 48), device="cuda")
     with torch.no_grad():
@@ -54,7 +56,9 @@ def test_bf16_autocast_close_to_fp32(preset: str) -> None:
 
 def test_gpu_run_end_to_end(tmp_path: Path) -> None:
     """One short run on the GPU budget through the real CLI: bf16-mixed, CUDA peak memory."""
-    proc = cli("pipeline.train", [*TINY, "budget=gpu", "model=mixtral", "model.d_model=64", "model.n_heads=4"], tmp_path)
+    proc = cli(
+        "pipeline.train", [*TINY, "budget=gpu", "model=mixtral", "model.d_model=64", "model.n_heads=4"], tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     from mlflow import MlflowClient
 
@@ -66,4 +70,5 @@ def test_gpu_run_end_to_end(tmp_path: Path) -> None:
     out = os.environ.get("OUT")
     if out:  # `make gpu-check` on a lent GPU machine brings these numbers back
         Path(out, "gpu_run_metrics.txt").write_text(
-            "\n".join(f"{k} {v}" for k, v in sorted(run.data.metrics.items())) + "\n")
+            "\n".join(f"{k} {v}" for k, v in sorted(run.data.metrics.items())) + "\n"
+        )

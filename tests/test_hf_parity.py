@@ -28,23 +28,54 @@ def one_thread():
 
 
 def hf_gpt2():
-    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=V, n_positions=64, n_embd=32, n_layer=2, n_head=4, activation_function="gelu_new",
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **NO_SPECIAL))
+    return transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            vocab_size=V,
+            n_positions=64,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            activation_function="gelu_new",
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **NO_SPECIAL,
+        )
+    )
 
 
 def hf_llama(**kw):
-    args = dict(vocab_size=V, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                rms_norm_eps=1e-5, tie_word_embeddings=False, **NO_SPECIAL)
+    args = dict(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        **NO_SPECIAL,
+    )
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**args, **kw}))
 
 
 def hf_mixtral():
-    return transformers.MixtralForCausalLM(transformers.MixtralConfig(
-        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        num_local_experts=4, num_experts_per_tok=2, rms_norm_eps=1e-5, **NO_SPECIAL))
+    return transformers.MixtralForCausalLM(
+        transformers.MixtralConfig(
+            vocab_size=V,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            rms_norm_eps=1e-5,
+            **NO_SPECIAL,
+        )
+    )
 
 
 HF_MODELS = {
@@ -104,11 +135,15 @@ def test_from_hf_gives_the_preset_architecture(preset):
         assert (cfg.ffn.n_experts, cfg.ffn.top_k, cfg.ffn.expert) == (4, 2, "swiglu")
 
 
-@pytest.mark.parametrize("variant", [
-    dict(num_key_value_heads=1, tie_word_embeddings=True),  # MQA, tied head
-    dict(num_key_value_heads=4, attention_bias=True, mlp_bias=True),  # MHA with biases
-    dict(rope_parameters={"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0}),
-], ids=["mqa-tied", "mha-bias", "rope-linear"])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(num_key_value_heads=1, tie_word_embeddings=True),  # MQA, tied head
+        dict(num_key_value_heads=4, attention_bias=True, mlp_bias=True),  # MHA with biases
+        dict(rope_parameters={"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0}),
+    ],
+    ids=["mqa-tied", "mha-bias", "rope-linear"],
+)
 def test_llama_variants_match(variant):
     hf = randomize(hf_llama(**variant))
     ours = from_hf(hf).eval()
@@ -122,8 +157,7 @@ def test_greedy_generate_matches_transformers(preset):
     hf = randomize(HF_MODELS[preset]())
     ours = from_hf(hf)
     prompt = tokens(batch=2, length=5)
-    ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12,
-                      do_sample=False, **NO_SPECIAL)
+    ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False, **NO_SPECIAL)
     got = ours.generate(prompt, max_new_tokens=12, temperature=0.0)
     assert torch.equal(got, ref)
     assert len(set(got[:, 5:].flatten().tolist())) > 2  # not a degenerate constant continuation
@@ -156,9 +190,11 @@ def test_to_hf_round_trip(preset):
 def test_unsupported_classes_are_refused():
     with pytest.raises(UnsupportedModelError, match="GPT2Model is not supported.*GPT2LMHeadModel"):
         from_hf(transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=V)))
-    for overrides, field in [({"pos_enc": {"name": "alibi"}}, "pos_enc=alibi"),
-                             ({"norm": {"name": "layernorm", "placement": "post"}}, "placement"),
-                             ({"bias": False}, "bias")]:
+    for overrides, field in [
+        ({"pos_enc": {"name": "alibi"}}, "pos_enc=alibi"),
+        ({"norm": {"name": "layernorm", "placement": "post"}}, "placement"),
+        ({"bias": False}, "bias"),
+    ]:
         with pytest.raises(UnsupportedModelError, match=field):
             to_hf(DecoderLM(ModelConfig.from_preset("gpt2", vocab_size=V, **overrides)))
     with pytest.raises(UnsupportedModelError, match="capacity_factor"):

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from pipeline.components import REGISTRIES
-from pipeline.components.ffn import MoE, MoEConfig, SwiGLU, SwiGLUConfig
 from pipeline.model import ConfigError, DecoderLM, ModelConfig
-from pipeline.presets import PRESETS
+from pipeline.model.components import REGISTRIES
+from pipeline.model.components.ffn import MoE, MoEConfig, SwiGLU, SwiGLUConfig
+from pipeline.model.presets import PRESETS
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -27,20 +27,49 @@ def cfg(**kw) -> ModelConfig:
 
 
 # -- invalid configurations: each refused with the field, the value and the fix ---------------
-@pytest.mark.parametrize("kw, pattern", [
-    (dict(d_model=30, n_heads=4), r"model\.d_model=30 is not divisible by model\.n_heads=4; choose n_heads from \[1, 2, 3, 5, 6, 10, 15, 30\]"),
-    (dict(attention={"name": "gqa", "n_kv_heads": 3}), r"model\.attention\.n_kv_heads=3 does not divide model\.n_heads=4; choose n_kv_heads from \[1, 2, 4\]"),
-    (dict(d_model=12, n_heads=4, pos_enc={"name": "rope"}), r"rope needs an even head_dim.*d_model=12.*n_heads=4 = 3; change d_model or n_heads"),
-    (dict(ffn={"name": "moe", "n_experts": 2, "top_k": 3}), r"model\.ffn\.top_k=3 > model\.ffn\.n_experts=2; top_k must be between 1 and n_experts"),
-    (dict(ffn={"name": "moe", "capacity_factor": 0.0}), r"model\.ffn\.capacity_factor=0\.0 must be > 0, or null"),
-    (dict(pos_enc={"name": "rope", "thetaa": 1.0}), r"model\.pos_enc\.thetaa is not a setting of pos_enc 'rope'; its settings: name, scale, scaling, theta"),
-    (dict(attention={"name": "mha", "n_kv_heads": 2}), r"model\.attention\.n_kv_heads is not a setting of attention 'mha'"),
-    (dict(norm={"name": "rmsnorm", "placement": "middle"}), r"model\.norm\.placement='middle' is not valid; valid: pre, post"),
-    (dict(attention={"name": "mha", "backend": "flash"}), r"model\.attention\.backend='flash' is not valid; valid: sdpa, math"),
-    (dict(pos_enc="rope"), r"model\.pos_enc must be a mapping with a 'name'"),
-    (dict(pos_enc={"name": "learned", "max_len": 8}), r"model\.pos_enc\.max_len=8 < model\.context_length=16"),
-    (dict(dropout=1.0), r"model\.dropout=1\.0 must be in \[0, 1\)"),
-])
+@pytest.mark.parametrize(
+    "kw, pattern",
+    [
+        (
+            dict(d_model=30, n_heads=4),
+            r"model\.d_model=30 is not divisible by model\.n_heads=4; "
+            r"choose n_heads from \[1, 2, 3, 5, 6, 10, 15, 30\]",
+        ),
+        (
+            dict(attention={"name": "gqa", "n_kv_heads": 3}),
+            r"model\.attention\.n_kv_heads=3 does not divide model\.n_heads=4; choose n_kv_heads from \[1, 2, 4\]",
+        ),
+        (
+            dict(d_model=12, n_heads=4, pos_enc={"name": "rope"}),
+            r"rope needs an even head_dim.*d_model=12.*n_heads=4 = 3; change d_model or n_heads",
+        ),
+        (
+            dict(ffn={"name": "moe", "n_experts": 2, "top_k": 3}),
+            r"model\.ffn\.top_k=3 > model\.ffn\.n_experts=2; top_k must be between 1 and n_experts",
+        ),
+        (dict(ffn={"name": "moe", "capacity_factor": 0.0}), r"model\.ffn\.capacity_factor=0\.0 must be > 0, or null"),
+        (
+            dict(pos_enc={"name": "rope", "thetaa": 1.0}),
+            r"model\.pos_enc\.thetaa is not a setting of pos_enc 'rope'; its settings: name, scale, scaling, theta",
+        ),
+        (
+            dict(attention={"name": "mha", "n_kv_heads": 2}),
+            r"model\.attention\.n_kv_heads is not a setting of attention 'mha'",
+        ),
+        (dict(placement="middle"), r"model\.placement='middle' is not valid; valid: pre, post"),
+        (
+            dict(norm={"name": "rmsnorm", "placement": "post"}),
+            r"model\.norm\.placement is not a setting of norm 'rmsnorm'",
+        ),
+        (
+            dict(attention={"name": "mha", "backend": "flash"}),
+            r"model\.attention\.backend='flash' is not valid; valid: sdpa, math",
+        ),
+        (dict(pos_enc="rope"), r"model\.pos_enc must be a mapping with a 'name'"),
+        (dict(pos_enc={"name": "learned", "max_len": 8}), r"model\.pos_enc\.max_len=8 < model\.context_length=16"),
+        (dict(dropout=1.0), r"model\.dropout=1\.0 must be in \[0, 1\)"),
+    ],
+)
 def test_invalid_config_is_refused(kw, pattern):
     with pytest.raises(ConfigError, match=pattern):
         cfg(**kw)
@@ -63,12 +92,15 @@ def test_non_positive_or_non_integer_sizes_are_refused(key, value):
         cfg(**{key: value})
 
 
-@pytest.mark.parametrize("kw, key", [
-    (dict(attention={"name": "gqa", "n_kv_heads": 0}), "attention.n_kv_heads"),
-    (dict(ffn={"name": "moe", "n_experts": 0, "top_k": 1}), "ffn.n_experts"),
-    (dict(ffn={"name": "moe", "top_k": 0}), "ffn.top_k"),
-    (dict(ffn={"name": "swiglu", "hidden": -8}), "ffn.hidden"),
-])
+@pytest.mark.parametrize(
+    "kw, key",
+    [
+        (dict(attention={"name": "gqa", "n_kv_heads": 0}), "attention.n_kv_heads"),
+        (dict(ffn={"name": "moe", "n_experts": 0, "top_k": 1}), "ffn.n_experts"),
+        (dict(ffn={"name": "moe", "top_k": 0}), "ffn.top_k"),
+        (dict(ffn={"name": "swiglu", "hidden": -8}), "ffn.hidden"),
+    ],
+)
 def test_non_positive_component_sizes_are_refused(kw, key):
     with pytest.raises(ConfigError, match=rf"model\.{key}=-?\d+ must be a positive integer"):
         cfg(**kw)
@@ -118,9 +150,10 @@ def test_same_name_override_merges_into_the_preset_node():
 
 
 # -- GQA: the cache holds only the kv heads ----------------------------------------------------
-@pytest.mark.parametrize("attention, n_kv", [({"name": "gqa", "n_kv_heads": 2}, 2),
-                                             ({"name": "gqa", "n_kv_heads": 4}, 4),
-                                             ({"name": "mqa"}, 1)])
+@pytest.mark.parametrize(
+    "attention, n_kv",
+    [({"name": "gqa", "n_kv_heads": 2}, 2), ({"name": "gqa", "n_kv_heads": 4}, 4), ({"name": "mqa"}, 1)],
+)
 def test_gqa_cache_holds_n_kv_heads_over_n_heads_of_mha_bytes(attention, n_kv):
     common = dict(d_model=64, n_layers=3, n_heads=8, context_length=16, vocab_size=50, pos_enc={"name": "rope"})
     mha, gqa = DecoderLM(ModelConfig(**common)), DecoderLM(ModelConfig(**common, attention=attention))
@@ -147,9 +180,7 @@ def moe_layer(**kw) -> MoE:
 
 
 def test_moe_losses_equal_the_published_formulas():
-    x = torch.tensor([[2.0, 1.0, 0.0, -1.0],
-                      [0.0, 3.0, 1.0, 0.5],
-                      [1.0, 0.0, 2.5, 2.0]])
+    x = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 3.0, 1.0, 0.5], [1.0, 0.0, 2.5, 2.0]])
     layer = moe_layer(aux_loss_coef=0.01, z_loss_coef=0.001)
     layer(x[None])  # (1, 3, 4)
     s = layer.stats
@@ -218,8 +249,9 @@ def test_moe_with_one_expert_equals_dense_swiglu():
 
 def test_moe_router_stays_fp32_under_bf16_autocast() -> None:
     """Mixed precision (trainer=gpu: bf16-mixed) must not reach the router (Switch, sec. 2.4)."""
-    model = DecoderLM(ModelConfig.from_preset("mixtral", d_model=32, n_layers=1, n_heads=2,
-                                              context_length=16, vocab_size=50))
+    model = DecoderLM(
+        ModelConfig.from_preset("mixtral", d_model=32, n_layers=1, n_heads=2, context_length=16, vocab_size=50)
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits, aux = model(torch.randint(0, 50, (2, 8)), return_aux=True)
     assert logits.dtype == torch.bfloat16  # the rest of the model does run in bf16

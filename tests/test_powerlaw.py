@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline.powerlaw import compute_multiplier, fit_power_law
+from pipeline.analysis.powerlaw import compute_multiplier, fit_power_law
 
 
 def law(C, a, b, c):
@@ -14,8 +14,11 @@ def test_fit_recovers_parameters_with_offset():
     C = np.logspace(12, 15, 7)
     fit = fit_power_law(C, law(C, 2.0, 0.3, 1.5))
     assert fit.offset_fitted
-    assert (fit.a, fit.b, fit.c) == (pytest.approx(2.0, rel=1e-3), pytest.approx(0.3, rel=1e-3),
-                                     pytest.approx(1.5, rel=1e-3))
+    assert (fit.a, fit.b, fit.c) == (
+        pytest.approx(2.0, rel=1e-3),
+        pytest.approx(0.3, rel=1e-3),
+        pytest.approx(1.5, rel=1e-3),
+    )
     assert fit.compute_for(float(law(1e14, 2.0, 0.3, 1.5))) == pytest.approx(1e14, rel=1e-3)
 
 

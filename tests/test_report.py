@@ -7,14 +7,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _mlflow_study import FACTORS, FAILURE, final_loss, log_grid
 from mlflow import MlflowClient
 
-from _mlflow_study import FACTORS, FAILURE, final_loss, log_grid
-from pipeline.report import (build_report, fmt_stat, load_study, main, optuna_importances, optuna_studies,
-                             report_run)
+from pipeline.analysis.document import fmt_stat
+from pipeline.analysis.report import build_report, optuna_importances, optuna_studies, report_run
+from pipeline.analysis.study import load_study
+from pipeline.report import main
 
-GRID_PNGS = {"val_loss_step.png", "val_loss_tokens.png", "extrapolation.png", "pareto.png",
-             "effects.png", "moe_load.png"}
+GRID_PNGS = {
+    "val_loss_step.png",
+    "val_loss_tokens.png",
+    "extrapolation.png",
+    "pareto.png",
+    "effects.png",
+    "moe_load.png",
+}
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +62,18 @@ def test_one_configuration_per_grid_cell_with_logged_values(grid):
         assert len(c.trials) == 2
         ids = {t.run_id for t in c.trials}
         # the trials pooled are exactly the logged runs of that cell
-        assert ids == {rid for rid, (lv, *_) in logged.runs.items()
-                       if (lv["pos_enc"], lv["ffn"]) == (c.levels["pos_enc"], c.levels["ffn"])}
-        for key in ("val/loss", "val/ppl", "cost/kv_bytes_per_token", "cost/decode_tokens_per_s",
-                    *[f"extrap/ppl_x{f}" for f in FACTORS]):
+        assert ids == {
+            rid
+            for rid, (lv, *_) in logged.runs.items()
+            if (lv["pos_enc"], lv["ffn"]) == (c.levels["pos_enc"], c.levels["ffn"])
+        }
+        for key in (
+            "val/loss",
+            "val/ppl",
+            "cost/kv_bytes_per_token",
+            "cost/decode_tokens_per_s",
+            *[f"extrap/ppl_x{f}" for f in FACTORS],
+        ):
             vals = np.array([logged.runs[r][2][key] for r in ids])
             mean, std, n = c.stat(key)
             assert n == 2 and mean == pytest.approx(vals.mean()) and std == pytest.approx(vals.std(ddof=1))
@@ -133,10 +149,19 @@ def test_scaling_section_recovers_a_known_compute_multiplier(store):
         c = compute * (k if levels["pos_enc"] == "rope" else 1.0)
         return 2.0 * (c / 1e9) ** -0.3 + 1.0
 
-    log_grid(uri, artifacts, "scaling", ffn=("gelu",), seeds=(0,), sizes=(64, 128, 256, 512),
-             failures=False, loss_of_compute=loss)
-    rep = build_report("scaling", uri, root / "reports", log_artifacts=False,
-                       optuna_storage="sqlite:///" + str(root / "x.db"))
+    log_grid(
+        uri,
+        artifacts,
+        "scaling",
+        ffn=("gelu",),
+        seeds=(0,),
+        sizes=(64, 128, 256, 512),
+        failures=False,
+        loss_of_compute=loss,
+    )
+    rep = build_report(
+        "scaling", uri, root / "reports", log_artifacts=False, optuna_storage="sqlite:///" + str(root / "x.db")
+    )
     md = rep.markdown.read_text()
     section = md.split("## Scaling")[1].split("\n## ")[0]
     (rope,) = [ln for ln in section.splitlines() if ln.startswith("| rope")]
@@ -166,8 +191,14 @@ def test_report_from_a_real_sweep(tmp_path):
     every configuration row holds its runs' ids and their mean ± std as MLflow has them."""
     from cli import TINY, cli
 
-    fast_eval = ["eval.max_windows=1", "eval.factors=[1,2]", "eval.decode.repeats=1",
-                 "eval.decode.warmup=0", "eval.decode.batch_sizes=[1]", "eval.decode.new_tokens=4"]
+    fast_eval = [
+        "eval.max_windows=1",
+        "eval.factors=[1,2]",
+        "eval.decode.repeats=1",
+        "eval.decode.warmup=0",
+        "eval.decode.batch_sizes=[1]",
+        "eval.decode.new_tokens=4",
+    ]
     sweep = ["-m", "study=real", "model/pos_enc=learned,rope", "model/ffn=gelu,moe", "seed=0,1"]
     proc = cli("pipeline.train", [*sweep, *TINY, *fast_eval], tmp_path, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -201,12 +232,15 @@ def test_optuna_importances_when_the_study_exists(tmp_path):
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(study_name="s", storage=storage)
-    space = {"pos_enc": optuna.distributions.CategoricalDistribution(["rope", "learned"]),
-             "ffn": optuna.distributions.CategoricalDistribution(["gelu", "moe"])}
+    space = {
+        "pos_enc": optuna.distributions.CategoricalDistribution(["rope", "learned"]),
+        "ffn": optuna.distributions.CategoricalDistribution(["gelu", "moe"]),
+    }
     for pos_enc, ffn in [(p, f) for p in ("rope", "learned") for f in ("gelu", "moe")] * 2:
         value = 2.0 - 0.5 * (pos_enc == "rope") - 0.01 * (ffn == "moe")
-        study.add_trial(optuna.trial.create_trial(params={"pos_enc": pos_enc, "ffn": ffn},
-                                                  distributions=space, value=value))
+        study.add_trial(
+            optuna.trial.create_trial(params={"pos_enc": pos_enc, "ffn": ffn}, distributions=space, value=value)
+        )
     imp, _ = optuna_importances(storage, "s")
     assert set(imp) == {"pos_enc", "ffn"} and imp["pos_enc"] > imp["ffn"]
     missing = tmp_path / "none.db"

@@ -1,9 +1,8 @@
-"""Every study file in ablations/ composes, on both budgets, and its search space parses."""
+"""Every study file in pipeline/conf/ablation/ composes, on both budgets, and its search space parses."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -14,16 +13,16 @@ from omegaconf import OmegaConf, open_dict
 
 from hydra_plugins.pipeline_optuna_sweeper import search_space
 from hydra_plugins.pipeline_optuna_sweeper.sweeper import OptunaSweeper
-from pipeline.train import validate_config
+from pipeline import CONF_DIR
+from pipeline.run.spec import validate_config
 
-ROOT = Path(__file__).resolve().parents[1]
-STUDIES = sorted(p.stem for p in (ROOT / "ablations").glob("*.yaml"))
+STUDIES = sorted(p.stem for p in (CONF_DIR / "ablation").glob("*.yaml"))
 
 
 def _compose(overrides: list[str], job: bool = True):
     GlobalHydra.instance().clear()
     HydraConfig.instance().cfg = None
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     if job:  # as inside a job, where ${hydra:runtime.choices.budget} resolves
         HydraConfig.instance().set_config(cfg)

@@ -1,4 +1,4 @@
-"""The Optuna sweeper plugin (hydra/sweeper=optuna) and the sweep glue (pipeline.sweep).
+"""The Optuna sweeper plugin (hydra/sweeper=optuna) and the sweep glue (pipeline.tracking.sweep).
 
 Plugin behaviour is tested on a toy app (tests/sweeper_app) in a subprocess; the pipeline
 tests run `python -m pipeline.train -m` with a tiny model and a few steps, against real
@@ -29,10 +29,20 @@ from hydra_plugins.pipeline_optuna_sweeper import study as study_lib
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "tests" / "sweeper_app" / "app.py"
 # The smallest run that trains, validates twice and logs to MLflow.
-TINY = ["trainer.max_steps=4", "trainer.val_check_interval=2", "eval.enabled=false",
-        "tracking.system_metrics=false", "trainer.enable_progress_bar=false", "model.d_model=32",
-        "model.n_layers=1", "model.n_heads=2", "model.context_length=32", "data.batch_size=4",
-        "data.val_batches=1", "budget=cpu"]
+TINY = [
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "eval.enabled=false",
+    "tracking.system_metrics=false",
+    "trainer.enable_progress_bar=false",
+    "model.d_model=32",
+    "model.n_layers=1",
+    "model.n_heads=2",
+    "model.context_length=32",
+    "data.batch_size=4",
+    "data.val_batches=1",
+    "budget=cpu",
+]
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
@@ -43,13 +53,25 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 
 def _toy(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(APP), "-m", "hydra/sweeper=optuna", *args],
-                          cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(APP), "-m", "hydra/sweeper=optuna", *args],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.train", "-m", *args, *TINY],
-                          cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.train", "-m", *args, *TINY],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _study(tmp_path: Path, name: str) -> optuna.Study:
@@ -77,9 +99,16 @@ def _results(tmp_path: Path) -> list[str]:
 
 def test_overrides_become_distributions_and_back():
     space = search_space.parse(
-        ["model/pos_enc=choice(rope,alibi)", "seed=0,1", "n=range(2,8,2)",
-         "optimizer.lr=tag(log, interval(1e-4, 1e-2))", "warmup=tag(int, interval(0, 100))",
-         "trainer.max_steps=300"], OverridesParser.create())
+        [
+            "model/pos_enc=choice(rope,alibi)",
+            "seed=0,1",
+            "n=range(2,8,2)",
+            "optimizer.lr=tag(log, interval(1e-4, 1e-2))",
+            "warmup=tag(int, interval(0, 100))",
+            "trainer.max_steps=300",
+        ],
+        OverridesParser.create(),
+    )
     dims = {d.name: d for d in space.dimensions}
     assert dims["model/pos_enc"].distribution == CategoricalDistribution(["rope", "alibi"])
     assert dims["seed"].grid == [0, 1]
@@ -91,7 +120,10 @@ def test_overrides_become_distributions_and_back():
     with pytest.raises(search_space.SearchSpaceError, match="optimizer.lr"):
         space.grid()
     assert space.overrides({"model/pos_enc": "rope", "optimizer.lr": 0.001}) == [
-        "model/pos_enc=rope", "optimizer.lr=0.001", "trainer.max_steps=300"]
+        "model/pos_enc=rope",
+        "optimizer.lr=0.001",
+        "trainer.max_steps=300",
+    ]
     with pytest.raises(search_space.SearchSpaceError, match="unsupported tags"):
         search_space.parse(["x=tag(sqrt, interval(0, 1))"], OverridesParser.create())
 
@@ -103,8 +135,9 @@ def test_command_line_wins_over_params_on_the_same_key():
 
 def test_a_dead_workers_running_trial_is_failed_and_retried_on_the_same_grid_point(tmp_path):
     space = search_space.parse(["a=choice(1,2,3)"], OverridesParser.create())
-    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'o.db'}",
-                                sampler=study_lib.make_sampler("grid", None, {}, space))
+    study = optuna.create_study(
+        storage=f"sqlite:///{tmp_path / 'o.db'}", sampler=study_lib.make_sampler("grid", None, {}, space)
+    )
     done = study.ask()
     space.suggest(done)
     study.tell(done, 1.0)
@@ -112,7 +145,9 @@ def test_a_dead_workers_running_trial_is_failed_and_retried_on_the_same_grid_poi
     params = space.suggest(orphan)
     dead = subprocess.Popen(["true"])
     dead.wait()
-    study._storage.set_trial_system_attr(orphan._trial_id, "worker", f"{study_lib.worker().rpartition(':')[0]}:{dead.pid}")
+    study._storage.set_trial_system_attr(
+        orphan._trial_id, "worker", f"{study_lib.worker().rpartition(':')[0]}:{dead.pid}"
+    )
     live = study.ask()  # this process: alive, so left alone
     study._storage.set_trial_system_attr(live._trial_id, "worker", study_lib.worker())
 
@@ -171,16 +206,23 @@ def test_a_sweep_whose_every_point_is_skipped_fails(tmp_path):
 
 
 def test_median_pruner_stops_a_trial_behind_the_others(tmp_path):
-    r = _toy(tmp_path, "x=choice(2,2.5,9)", "hydra.sweeper.pruner=median",
-             "++hydra.sweeper.pruner_kwargs.n_startup_trials=2")
+    r = _toy(
+        tmp_path, "x=choice(2,2.5,9)", "hydra.sweeper.pruner=median", "++hydra.sweeper.pruner_kwargs.n_startup_trials=2"
+    )
     assert r.returncode == 0, r.stderr
     states = {t.params["x"]: t.state for t in _study(tmp_path, "toy").trials}
     assert states == {2: TrialState.COMPLETE, 2.5: TrialState.COMPLETE, 9: TrialState.PRUNED}
 
 
 def test_tpe_per_value_runs_one_study_each(tmp_path):
-    r = _toy(tmp_path, "x=interval(0,4)", "opt=a,b", "hydra.sweeper.per=[opt]",
-             "hydra.sweeper.n_trials=3", "hydra.sweeper.seed=0")
+    r = _toy(
+        tmp_path,
+        "x=interval(0,4)",
+        "opt=a,b",
+        "hydra.sweeper.per=[opt]",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.seed=0",
+    )
     assert r.returncode == 0, r.stderr
     for opt in "ab":
         study = _study(tmp_path, f"toy/opt={opt}")
@@ -201,11 +243,19 @@ def _count(db: Path, state: str) -> int:
 
 
 def test_sigkilled_sweep_resumes_to_one_finished_run_per_point(tmp_path):
-    args = ["hydra/sweeper=optuna", "model/pos_enc=choice(rope,alibi)",
-            "model/norm=choice(layernorm,rmsnorm)", "study=kill"]
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", "-m", *args, *TINY],
-                            cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    args = [
+        "hydra/sweeper=optuna",
+        "model/pos_enc=choice(rope,alibi)",
+        "model/norm=choice(layernorm,rmsnorm)",
+        "study=kill",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.train", "-m", *args, *TINY],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     db, deadline = tmp_path / "optuna.db", time.time() + 400
     while not (_count(db, "COMPLETE") >= 1 and _count(db, "RUNNING") >= 1):
         assert proc.poll() is None and time.time() < deadline, "the sweep ended before it was killed"
@@ -236,12 +286,20 @@ def test_sigkilled_sweep_resumes_to_one_finished_run_per_point(tmp_path):
 def test_pipeline_trial_failures_and_invalid_points(tmp_path):
     """n_kv_heads=3 does not divide n_heads=2: skipped before any model is built;
     accelerator=tpu fails inside the run: FAILED in MLflow with the reason, FAIL in Optuna."""
-    r = _train(tmp_path, "hydra/sweeper=optuna", "model/attention=gqa", "study=fails",
-               "model.attention.n_kv_heads=choice(1,3)", "trainer.accelerator=choice(cpu,tpu)",
-               "hydra.sweeper.validate=pipeline.train.validate_config")
+    r = _train(
+        tmp_path,
+        "hydra/sweeper=optuna",
+        "model/attention=gqa",
+        "study=fails",
+        "model.attention.n_kv_heads=choice(1,3)",
+        "trainer.accelerator=choice(cpu,tpu)",
+        "hydra.sweeper.validate=pipeline.run.spec.validate_config",
+    )
     assert r.returncode != 0 and "1 of 4 trials failed" in r.stderr
-    trials = {(t.params["model.attention.n_kv_heads"], t.params["trainer.accelerator"]): t
-              for t in _study(tmp_path, "fails").trials}
+    trials = {
+        (t.params["model.attention.n_kv_heads"], t.params["trainer.accelerator"]): t
+        for t in _study(tmp_path, "fails").trials
+    }
     assert trials[(1, "cpu")].state == TrialState.COMPLETE
     assert "xla" in trials[(1, "tpu")].user_attrs["fail_reason"]  # no TPU runtime here
     for acc in ("cpu", "tpu"):
@@ -253,15 +311,24 @@ def test_pipeline_trial_failures_and_invalid_points(tmp_path):
     (parent,) = parents
     assert parent.info.status == "FINISHED"
     assert {k: parent.data.metrics[f"sweep/{k}"] for k in ("complete", "failed", "skipped")} == {
-        "complete": 1, "failed": 1, "skipped": 2}
+        "complete": 1,
+        "failed": 1,
+        "skipped": 2,
+    }
 
 
 @pytest.mark.slow  # ~3 training runs; the pruner itself is covered fast on the toy app
 def test_pruning_callback_prunes_a_run_that_cannot_learn(tmp_path):
     """lr=1e-7 cannot lower the loss; the median pruner stops it at its first validation."""
-    r = _train(tmp_path, "hydra/sweeper=optuna", "study=prune", "optimizer.warmup_steps=0",
-               "optimizer.lr=choice(0.01,0.005,1e-7)", "hydra.sweeper.pruner=median",
-               "++hydra.sweeper.pruner_kwargs.n_startup_trials=2")
+    r = _train(
+        tmp_path,
+        "hydra/sweeper=optuna",
+        "study=prune",
+        "optimizer.warmup_steps=0",
+        "optimizer.lr=choice(0.01,0.005,1e-7)",
+        "hydra.sweeper.pruner=median",
+        "++hydra.sweeper.pruner_kwargs.n_startup_trials=2",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     states = {t.params["optimizer.lr"]: t.state for t in _study(tmp_path, "prune").trials}
     assert states == {0.01: TrialState.COMPLETE, 0.005: TrialState.COMPLETE, 1e-7: TrialState.PRUNED}

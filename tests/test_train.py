@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from mlflow import MlflowClient
-
 from cli import TINY, cli
+from mlflow import MlflowClient
 
 EVAL_OFF = ["eval.enabled=false"]
 
@@ -66,8 +65,10 @@ def test_token_cache_is_hit_on_second_run(first_run) -> None:
 def test_same_seed_gives_same_curve(first_run) -> None:
     cwd, logged = first_run
     client = client_for(cwd)
-    curves = [[m.value for m in sorted(client.get_metric_history(r.info.run_id, "train/loss"), key=lambda m: m.step)]
-              for r in logged]
+    curves = [
+        [m.value for m in sorted(client.get_metric_history(r.info.run_id, "train/loss"), key=lambda m: m.step)]
+        for r in logged
+    ]
     assert curves[0] == curves[1]
 
 

@@ -19,23 +19,33 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from _mlflow_study import log_grid
 from mlflow import MlflowClient
 
-from _mlflow_study import log_grid
-from pipeline.report import build_report
+from pipeline.analysis.report import build_report
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 STUDY = "ui_demo"
 
 pytestmark = [
     pytest.mark.slow,  # ~40 s on an idle 2-core machine (server start, page loads), 80 s loaded
-    pytest.mark.skipif(not CHROMIUM.exists(),
-                       reason="needs Debian's Chromium at /usr/bin/chromium (apt-get install chromium)"),
-    pytest.mark.skipif(not (REPO / ".venv/bin/mlflow").exists(),
-                       reason="`make ui` serves from .venv; run `make install` first"),
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium (apt-get install chromium)"
+    ),
+    pytest.mark.skipif(
+        not (REPO / ".venv/bin/mlflow").exists(), reason="`make ui` serves from .venv; run `make install` first"
+    ),
 ]
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright package (test extra)")
 
@@ -67,13 +77,21 @@ def ui(tmp_path_factory):
     MlflowClient(uri).search_experiments()  # create the store before the server opens it
     port = free_port()
     # One worker and no job runner: a UI for one person starts in a fraction of the time.
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_WORKERS": "1",
-           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "MLFLOW_WORKERS": "1",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
     log = root / "ui.log"
     # -o: take the install stamp as up to date, so the test never reinstalls the venv.
-    proc = subprocess.Popen(["make", "-s", "-C", str(REPO), "-o", ".venv/.installed", "ui",
-                             f"PORT={port}"], env=env, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        ["make", "-s", "-C", str(REPO), "-o", ".venv/.installed", "ui", f"PORT={port}"],
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         # Log the study and its report while the server boots.
         logged = log_grid(uri, str(root / "artifacts"), STUDY)
@@ -124,15 +142,19 @@ def test_ui_filters_runs_by_tag_and_shows_the_report(ui):
         page.get_by_role("tab", name="Artifacts").wait_for()
         assert logged.parent_id in page.url
         # the run page forgets the workflow type; ask for it again to keep the training view
-        page.goto(f"{base}/#/experiments/{logged.experiment_id}/runs/{logged.parent_id}"
-                  "/artifacts?workflowType=machine_learning")
+        page.goto(
+            f"{base}/#/experiments/{logged.experiment_id}/runs/{logged.parent_id}"
+            "/artifacts?workflowType=machine_learning"
+        )
         page.get_by_text("report", exact=True).first.click()
         page.get_by_text("report.html", exact=True).click()
         deadline = time.monotonic() + 60
         frame = None
         while frame is None and time.monotonic() < deadline:
-            frame = next((f for f in page.frames if f != page.main_frame
-                          and "Failed and pruned trials" in (f.content() or "")), None)
+            frame = next(
+                (f for f in page.frames if f != page.main_frame and "Failed and pruned trials" in (f.content() or "")),
+                None,
+            )
             page.wait_for_timeout(250)
         assert frame is not None, "report.html did not render in the artifact viewer"
         text = frame.inner_text("body")

@@ -1,10 +1,10 @@
 """Hydra override grammar -> Optuna distributions, and back to overrides for a trial.
 
-    model/pos_enc=choice(rope,alibi)   -> categorical (a config-group choice)
-    seed=0,1                           -> categorical (comma list)
-    n_layers=range(2,8,2)              -> int with step  (grid: 2, 4, 6)
-    optimizer.lr=tag(log, interval(1e-4, 1e-2))  -> float, log scale (not for grid)
-    trainer.max_steps=300              -> fixed: passed to every trial unchanged
+model/pos_enc=choice(rope,alibi)   -> categorical (a config-group choice)
+seed=0,1                           -> categorical (comma list)
+n_layers=range(2,8,2)              -> int with step  (grid: 2, 4, 6)
+optimizer.lr=tag(log, interval(1e-4, 1e-2))  -> float, log scale (not for grid)
+trainer.max_steps=300              -> fixed: passed to every trial unchanged
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class SearchSpace:
                 f"sampler 'grid' needs discrete dimensions (choice, comma list, range), but "
                 f"{continuous} are intervals; use hydra.sweeper.sampler=tpe (or random)"
             )
-        return {d.name: list(d.grid) for d in self.dimensions}  # type: ignore[arg-type]
+        return {d.name: list(d.grid) for d in self.dimensions}
 
     def grid_size(self) -> int:
         n = 1

@@ -20,8 +20,8 @@ from collections import Counter
 from typing import Any
 
 import optuna
-from optuna.samplers import BaseSampler, GridSampler
 from optuna.pruners import BasePruner
+from optuna.samplers import BaseSampler, GridSampler
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from .search_space import SearchSpace
@@ -37,12 +37,25 @@ def worker() -> str:
 
 OUTCOMES = ("complete", "pruned", "failed", "skipped")
 
-_SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "cmaes": "CmaEsSampler",
-             "qmc": "QMCSampler", "gp": "GPSampler", "nsgaii": "NSGAIISampler",
-             "bruteforce": "BruteForceSampler"}
-_PRUNERS = {"none": "NopPruner", "median": "MedianPruner", "hyperband": "HyperbandPruner",
-            "percentile": "PercentilePruner", "successive_halving": "SuccessiveHalvingPruner",
-            "threshold": "ThresholdPruner", "patient": "PatientPruner", "wilcoxon": "WilcoxonPruner"}
+_SAMPLERS = {
+    "tpe": "TPESampler",
+    "random": "RandomSampler",
+    "cmaes": "CmaEsSampler",
+    "qmc": "QMCSampler",
+    "gp": "GPSampler",
+    "nsgaii": "NSGAIISampler",
+    "bruteforce": "BruteForceSampler",
+}
+_PRUNERS = {
+    "none": "NopPruner",
+    "median": "MedianPruner",
+    "hyperband": "HyperbandPruner",
+    "percentile": "PercentilePruner",
+    "successive_halving": "SuccessiveHalvingPruner",
+    "threshold": "ThresholdPruner",
+    "patient": "PatientPruner",
+    "wilcoxon": "WilcoxonPruner",
+}
 
 
 class ExhaustiveGridSampler(GridSampler):
@@ -56,7 +69,7 @@ class ExhaustiveGridSampler(GridSampler):
         if seed is None:  # GridSampler keeps its points in _all_grids, indexed by grid_id
             self._all_grids = list(itertools.product(*self._search_space.values()))
 
-    def after_trial(self, study, trial, state, values) -> None:  # type: ignore[override]
+    def after_trial(self, study, trial, state, values) -> None:
         pass
 
 
@@ -65,8 +78,7 @@ def make_sampler(name: str, seed: int | None, kwargs: dict[str, Any], space: Sea
         name = "grid" if space.is_discrete else "tpe"
     if name == "grid":
         return ExhaustiveGridSampler(space.grid(), seed=seed, **kwargs)
-    cls = _by_name(optuna.samplers, _SAMPLERS.get(name, name), BaseSampler, "sampler",
-                   ["auto", "grid", *_SAMPLERS])
+    cls = _by_name(optuna.samplers, _SAMPLERS.get(name, name), BaseSampler, "sampler", ["auto", "grid", *_SAMPLERS])
     if seed is not None:
         kwargs = {**kwargs, "seed": seed}
     return cls(**kwargs)
@@ -80,10 +92,14 @@ def make_pruner(name: str, kwargs: dict[str, Any]) -> BasePruner:
 def _by_name(module: Any, name: str, base: type, field: str, short: list[str]) -> Any:
     cls = getattr(module, name, None)
     if not (isinstance(cls, type) and issubclass(cls, base)):
-        classes = sorted(n for n in dir(module) if isinstance(getattr(module, n), type)
-                         and issubclass(getattr(module, n), base) and n != base.__name__)
-        raise ValueError(f"hydra.sweeper.{field}={name!r} is not known; valid: {short} "
-                         f"or a class of {module.__name__}: {classes}")
+        classes = sorted(
+            n
+            for n in dir(module)
+            if isinstance(getattr(module, n), type) and issubclass(getattr(module, n), base) and n != base.__name__
+        )
+        raise ValueError(
+            f"hydra.sweeper.{field}={name!r} is not known; valid: {short} or a class of {module.__name__}: {classes}"
+        )
     return cls
 
 
@@ -140,19 +156,29 @@ def recover(study: optuna.Study, retry_failed: bool) -> None:
     (and, with retry_failed, of every failed or skipped one) that has none yet."""
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if _is_stale(t):
-            log.warning("trial %d was left RUNNING by a dead worker (%s): failing it, will retry",
-                        t.number, t.system_attrs["worker"])
+            log.warning(
+                "trial %d was left RUNNING by a dead worker (%s): failing it, will retry",
+                t.number,
+                t.system_attrs["worker"],
+            )
             mark(study, t._trial_id, interrupted=True, fail_reason="worker died")
             study.tell(t.number, state=TrialState.FAIL)
         else:
-            log.warning("trial %d is RUNNING in a live or remote worker (%s); leaving it alone",
-                        t.number, t.system_attrs.get("worker", "unknown"))
+            log.warning(
+                "trial %d is RUNNING in a live or remote worker (%s); leaving it alone",
+                t.number,
+                t.system_attrs.get("worker", "unknown"),
+            )
     retry = {"interrupted", "failed", "skipped"} if retry_failed else {"interrupted"}
     for t in latest_attempts(study):
         if outcome(t) in retry:
             log.info("trial %d (%s) is queued for a retry", t.number, outcome(t))
             system_attrs = {k: v for k, v in t.system_attrs.items() if k != "worker"}
-            study.add_trial(create_trial(
-                state=TrialState.WAITING, params=t.params, distributions=t.distributions,
-                system_attrs={**system_attrs, "retry_of": t.number},
-            ))
+            study.add_trial(
+                create_trial(
+                    state=TrialState.WAITING,
+                    params=t.params,
+                    distributions=t.distributions,
+                    system_attrs={**system_attrs, "retry_of": t.number},
+                )
+            )

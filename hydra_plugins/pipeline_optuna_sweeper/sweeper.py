@@ -13,8 +13,9 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -27,7 +28,8 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.trial import Trial, TrialState
 
-from . import search_space, study as study_lib
+from . import search_space
+from . import study as study_lib
 from .search_space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -35,10 +37,10 @@ log = logging.getLogger(__name__)
 # Trials of the jobs in flight, by Hydra job number: lets code inside an in-process job (the
 # basic launcher) find its trial, e.g. to report intermediate values for pruning.
 _ACTIVE: dict[int, Trial] = {}
-_LAST_SUMMARY: Optional[dict[str, Any]] = None
+_LAST_SUMMARY: dict[str, Any] | None = None
 
 
-def current_trial() -> Optional[Trial]:
+def current_trial() -> Trial | None:
     """The Optuna trial of the Hydra job running in this process, or None outside a sweep."""
     if not _ACTIVE:
         return None
@@ -50,7 +52,7 @@ def current_trial() -> Optional[Trial]:
     return _ACTIVE.get(num) if num is not None else None
 
 
-def last_summary() -> Optional[dict[str, Any]]:
+def last_summary() -> dict[str, Any] | None:
     """The summary of the last sweep in this process (see OptunaSweeper.summary)."""
     return _LAST_SUMMARY
 
@@ -60,13 +62,23 @@ class SweepFailedError(HydraException):
 
 
 class OptunaSweeper(Sweeper):
-    def __init__(self, params: Optional[dict[str, Any]] = None, sampler: str = "auto",
-                 seed: Optional[int] = None, sampler_kwargs: Optional[dict[str, Any]] = None,
-                 pruner: str = "none", pruner_kwargs: Optional[dict[str, Any]] = None,
-                 direction: str = "minimize", n_trials: Optional[int] = None, n_jobs: int = 1,
-                 storage: Optional[str] = None, study_name: Optional[str] = None,
-                 validate: Optional[str] = None, retry_failed: bool = False,
-                 per: Optional[list[str]] = None) -> None:
+    def __init__(
+        self,
+        params: dict[str, Any] | None = None,
+        sampler: str = "auto",
+        seed: int | None = None,
+        sampler_kwargs: dict[str, Any] | None = None,
+        pruner: str = "none",
+        pruner_kwargs: dict[str, Any] | None = None,
+        direction: str = "minimize",
+        n_trials: int | None = None,
+        n_jobs: int = 1,
+        storage: str | None = None,
+        study_name: str | None = None,
+        validate: str | None = None,
+        retry_failed: bool = False,
+        per: list[str] | None = None,
+    ) -> None:
         super().__init__()
         self.params = {k: _as_override_value(v) for k, v in (params or {}).items()}
         self.sampler_name, self.seed = sampler, seed
@@ -81,21 +93,21 @@ class OptunaSweeper(Sweeper):
             raise ValueError(f"hydra.sweeper.n_jobs={n_jobs}; must be >= 1")
         self.n_trials, self.n_jobs = n_trials, n_jobs
         self.storage, self.study_name = storage, study_name
-        self.validate: Optional[Callable[[DictConfig], None]] = get_method(validate) if validate else None
+        self.validate: Callable[[DictConfig], None] | None = get_method(validate) if validate else None
         self.retry_failed = retry_failed
         self.per = list(per or [])
-        self.hydra_context: Optional[HydraContext] = None
-        self.config: Optional[DictConfig] = None
+        self.hydra_context: HydraContext | None = None
+        self.config: DictConfig | None = None
         self.launcher = None
         self._job_idx = 0
 
-    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
-              config: DictConfig) -> None:
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         from hydra.core.plugins import Plugins
 
         self.hydra_context, self.config = hydra_context, config
         self.launcher = Plugins.instance().instantiate_launcher(
-            hydra_context=hydra_context, task_function=task_function, config=config)
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
 
     # -- the sweep -----------------------------------------------------------------------------
 
@@ -122,10 +134,12 @@ class OptunaSweeper(Sweeper):
             if counts["failed"]:
                 raise SweepFailedError(
                     f"{counts['failed']} of {summary['n_trials']} trials failed "
-                    f"(reasons in the log above and in the trials' user attribute fail_reason)")
+                    f"(reasons in the log above and in the trials' user attribute fail_reason)"
+                )
             # Every point skipped is a broken sweep (a typo in an override), not a result.
-            raise SweepFailedError(f"all {counts['skipped']} points were skipped as invalid, nothing ran "
-                                   f"(reasons in the table above)")
+            raise SweepFailedError(
+                f"all {counts['skipped']} points were skipped as invalid, nothing ran (reasons in the table above)"
+            )
         return summary
 
     def _studies(self, space: SearchSpace) -> list[tuple[str, SearchSpace]]:
@@ -134,13 +148,14 @@ class OptunaSweeper(Sweeper):
         per = [d for d in space.dimensions if d.name in self.per]
         missing = sorted(set(self.per) - {d.name for d in per})
         if missing:
-            raise ValueError(f"hydra.sweeper.per names {missing}, which are not swept; "
-                             f"swept: {[d.name for d in space.dimensions]}")
+            raise ValueError(
+                f"hydra.sweeper.per names {missing}, which are not swept; swept: {[d.name for d in space.dimensions]}"
+            )
         if any(d.grid is None for d in per):
             raise ValueError("hydra.sweeper.per needs discrete dimensions (choice, range, a,b)")
         inner = [d for d in space.dimensions if d.name not in self.per]
         out = []
-        for values in itertools.product(*(d.grid for d in per)):  # type: ignore[misc]
+        for values in itertools.product(*(d.grid for d in per)):
             fixed = [f"{d.name}={Override._get_value_element_as_str(v)}" for d, v in zip(per, values)]
             label = ",".join(o for o in fixed)
             out.append((f"{name}/{label}" if per else name, SearchSpace(inner, fixed + space.fixed)))
@@ -152,17 +167,27 @@ class OptunaSweeper(Sweeper):
         is_grid = isinstance(sampler, optuna.samplers.GridSampler)
         target = self.n_trials or (space.grid_size() if is_grid else 20)
         study = optuna.create_study(
-            storage=resolve_storage(self.storage), study_name=study_name, sampler=sampler,
+            storage=resolve_storage(self.storage),
+            study_name=study_name,
+            sampler=sampler,
             pruner=study_lib.make_pruner(self.pruner_name, self.pruner_kwargs),
-            direction=self.direction, load_if_exists=True)
+            direction=self.direction,
+            load_if_exists=True,
+        )
         if self.seed is not None and not is_grid and study.trials:
             # Resumed: a sampler seeded as before would propose the first trials' points again.
-            study.sampler = study_lib.make_sampler(self.sampler_name, self.seed + len(study.trials),
-                                                   self.sampler_kwargs, space)
+            study.sampler = study_lib.make_sampler(
+                self.sampler_name, self.seed + len(study.trials), self.sampler_kwargs, space
+            )
         study_lib.recover(study, self.retry_failed)
-        log.info("Optuna study %r (%s): %s, %d trials, dimensions: %s", study.study_name,
-                 resolve_storage(self.storage), type(sampler).__name__, target,
-                 ", ".join(d.name for d in space.dimensions) or "-")
+        log.info(
+            "Optuna study %r (%s): %s, %d trials, dimensions: %s",
+            study.study_name,
+            resolve_storage(self.storage),
+            type(sampler).__name__,
+            target,
+            ", ".join(d.name for d in space.dimensions) or "-",
+        )
         progress = _Progress(target)
         while not self._done(study, sampler, target):
             batch = self._ask(study, space, progress)
@@ -184,7 +209,7 @@ class OptunaSweeper(Sweeper):
             return sampler.is_exhausted(study)
         return _n_counted(study) >= target
 
-    def _ask(self, study: optuna.Study, space: SearchSpace, progress: "_Progress") -> list[tuple[Trial, list[str]]]:
+    def _ask(self, study: optuna.Study, space: SearchSpace, progress: _Progress) -> list[tuple[Trial, list[str]]]:
         """Ask up to n_jobs trials; skip (tell FAIL, `skipped`) those whose config is invalid."""
         batch = []
         # Never ask more than the study still needs, so parallel batches add no extra trials.
@@ -204,7 +229,7 @@ class OptunaSweeper(Sweeper):
                 batch.append((trial, overrides))
         return batch
 
-    def _invalid(self, overrides: list[str]) -> Optional[str]:
+    def _invalid(self, overrides: list[str]) -> str | None:
         """Why this trial's config cannot run, found without launching it; None if it can."""
         assert self.config is not None and self.hydra_context is not None
         try:
@@ -229,7 +254,7 @@ class OptunaSweeper(Sweeper):
             HydraConfig.instance().cfg = saved
         return None
 
-    def _run(self, study: optuna.Study, batch: list[tuple[Trial, list[str]]], progress: "_Progress") -> None:
+    def _run(self, study: optuna.Study, batch: list[tuple[Trial, list[str]]], progress: _Progress) -> None:
         assert self.launcher is not None
         first = self._job_idx
         self._job_idx += len(batch)
@@ -258,7 +283,7 @@ class OptunaSweeper(Sweeper):
             for i in range(len(batch)):
                 _ACTIVE.pop(first + i, None)
 
-    def _tell(self, study: optuna.Study, trial: Trial, ret: JobReturn) -> tuple[str, Optional[float]]:
+    def _tell(self, study: optuna.Study, trial: Trial, ret: JobReturn) -> tuple[str, float | None]:
         if ret.status == JobStatus.COMPLETED:
             value = ret.return_value
             try:
@@ -293,25 +318,39 @@ class OptunaSweeper(Sweeper):
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         best = None
         if complete:
-            b = min(complete, key=lambda t: t.value) if self.direction == "minimize" else max(complete, key=lambda t: t.value)
+            b = (
+                min(complete, key=lambda t: t.value)
+                if self.direction == "minimize"
+                else max(complete, key=lambda t: t.value)
+            )
             best = {"number": b.number, "value": b.value, "params": b.params}
         return {
-            "study": study.study_name, "storage": resolve_storage(self.storage),
-            "direction": self.direction, "n_trials": target, "counts": counts, "best": best,
-            "trials": [{"number": t.number, "outcome": study_lib.outcome(t), "value": t.value,
-                        "params": t.params,
-                        "reason": t.user_attrs.get("skipped") or t.user_attrs.get("fail_reason")}
-                       for t in trials],
+            "study": study.study_name,
+            "storage": resolve_storage(self.storage),
+            "direction": self.direction,
+            "n_trials": target,
+            "counts": counts,
+            "best": best,
+            "trials": [
+                {
+                    "number": t.number,
+                    "outcome": study_lib.outcome(t),
+                    "value": t.value,
+                    "params": t.params,
+                    "reason": t.user_attrs.get("skipped") or t.user_attrs.get("fail_reason"),
+                }
+                for t in trials
+            ],
         }
 
 
-def resolve_storage(storage: Optional[str]) -> str:
+def resolve_storage(storage: str | None) -> str:
     """The storage URL; a relative SQLite path is made absolute against the working directory
     at launch, so jobs that chdir (hydra.job.chdir=true) still reach the same file."""
     url = storage or "sqlite:///optuna.db"
     prefix = "sqlite:///"
-    if url.startswith(prefix) and not url[len(prefix):].startswith("/") and url[len(prefix):] != ":memory:":
-        url = prefix + os.path.abspath(url[len(prefix):])
+    if url.startswith(prefix) and not url[len(prefix) :].startswith("/") and url[len(prefix) :] != ":memory:":
+        url = prefix + os.path.abspath(url[len(prefix) :])
     return url
 
 
@@ -333,8 +372,9 @@ class _Progress:
         self.total = total
         self.durations: list[float] = []
 
-    def update(self, study: optuna.Study, number: int, state: str, value: Optional[float],
-               launched: bool, seconds: float = 0.0) -> None:
+    def update(
+        self, study: optuna.Study, number: int, state: str, value: float | None, launched: bool, seconds: float = 0.0
+    ) -> None:
         if launched:
             self.durations.append(seconds)
         c = study_lib.counts(study)
@@ -343,8 +383,18 @@ class _Progress:
         eta = _hms(left * sum(self.durations) / len(self.durations)) if self.durations else "?"
         shown = f"{value:.4f}" if value is not None else ""
         counts = " ".join(f"{k} {c[k]}" for k in study_lib.OUTCOMES)
-        log.info("[sweep %s] trial %d (%d of %d) %s %s | %s | %s left, ETA %s",
-                 study.study_name, number, done, self.total, state, shown, counts, left, eta)
+        log.info(
+            "[sweep %s] trial %d (%d of %d) %s %s | %s | %s left, ETA %s",
+            study.study_name,
+            number,
+            done,
+            self.total,
+            state,
+            shown,
+            counts,
+            left,
+            eta,
+        )
 
 
 def _hms(seconds: float) -> str:
@@ -364,10 +414,16 @@ def merge_summaries(name: str, studies: list[dict[str, Any]]) -> dict[str, Any]:
     if bests:
         pick = min if studies[0]["direction"] == "minimize" else max
         best = pick(bests, key=lambda b: b["value"])
-    return {"study": name, "storage": studies[0]["storage"], "direction": studies[0]["direction"],
-            "n_trials": sum(s["n_trials"] for s in studies), "counts": counts, "best": best,
-            "trials": [t | {"study": s["study"]} for s in studies for t in s["trials"]],
-            "studies": studies}
+    return {
+        "study": name,
+        "storage": studies[0]["storage"],
+        "direction": studies[0]["direction"],
+        "n_trials": sum(s["n_trials"] for s in studies),
+        "counts": counts,
+        "best": best,
+        "trials": [t | {"study": s["study"]} for s in studies for t in s["trials"]],
+        "studies": studies,
+    }
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -378,9 +434,16 @@ def format_summary(summary: dict[str, Any]) -> str:
 def _format_study(summary: dict[str, Any]) -> str:
     names = sorted({k for t in summary["trials"] for k in t["params"]})
     header = ["trial", "outcome", "value", *names, "reason"]
-    rows = [[str(t["number"]), t["outcome"], "" if t["value"] is None else f"{t['value']:.4f}",
-             *[str(t["params"].get(n, "")) for n in names], (t["reason"] or "")[:60]]
-            for t in summary["trials"]]
+    rows = [
+        [
+            str(t["number"]),
+            t["outcome"],
+            "" if t["value"] is None else f"{t['value']:.4f}",
+            *[str(t["params"].get(n, "")) for n in names],
+            (t["reason"] or "")[:60],
+        ]
+        for t in summary["trials"]
+    ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
     c = summary["counts"]

@@ -34,7 +34,7 @@ class DecodeConfig:
 
 @dataclass
 class EvalConfig:
-    """The `eval` config node (conf/eval/default.yaml)."""
+    """The `eval` config node (pipeline/conf/eval/default.yaml)."""
 
     enabled: bool = True
     factors: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
@@ -73,8 +73,9 @@ def _check_keys(node: str, d: dict[str, Any], cls: type) -> None:
         raise ValueError(f"{node}.{unknown[0]} is not an evaluation setting; valid: {', '.join(sorted(valid))}")
 
 
-def evaluate_run(model: DecoderLM, test_tokens: Tensor, eval_cfg: dict[str, Any], device: torch.device,
-                 out_dir: Path) -> tuple[dict[str, float], list[Path]]:
+def evaluate_run(
+    model: DecoderLM, test_tokens: Tensor, eval_cfg: dict[str, Any], device: torch.device, out_dir: Path
+) -> tuple[dict[str, float], list[Path]]:
     """Score a trained model: extrap/ppl_x{f} over held-out tokens, cost/* analytic and measured."""
     cfg = EvalConfig.from_dict(eval_cfg)
     if not cfg.enabled:
@@ -82,8 +83,9 @@ def evaluate_run(model: DecoderLM, test_tokens: Tensor, eval_cfg: dict[str, Any]
     out_dir = Path(out_dir)
     model = model.to(device)
     start = time.perf_counter()
-    ppl = extrapolation(model, test_tokens, cfg.factors, cfg.max_windows, cfg.batch_tokens,
-                        cfg.sliding, cfg.rope_scaling)
+    ppl = extrapolation(
+        model, test_tokens, cfg.factors, cfg.max_windows, cfg.batch_tokens, cfg.sliding, cfg.rope_scaling
+    )
     extrap_s = time.perf_counter() - start
     analytic = analytic_cost(model.cfg, bytes_per_element=cfg.kv_bytes_per_element)
     d = cfg.decode
@@ -98,12 +100,22 @@ def evaluate_run(model: DecoderLM, test_tokens: Tensor, eval_cfg: dict[str, Any]
     metrics.update(cost_metrics(analytic, measured))
     metrics["eval/seconds"] = time.perf_counter() - start  # its share of a trial stays visible
     record = out_dir / "evaluation.json"
-    record.write_text(json.dumps({
-        "metrics": metrics,
-        "protocol": {"eval_tokens": ppl["eval_tokens"], "context_length": c.context_length,
-                     "factors": cfg.factors, "extrapolation_seconds": extrap_s, "cost_seconds": cost_s},
-        "analytic_cost": analytic,
-    }, indent=2))
+    record.write_text(
+        json.dumps(
+            {
+                "metrics": metrics,
+                "protocol": {
+                    "eval_tokens": ppl["eval_tokens"],
+                    "context_length": c.context_length,
+                    "factors": cfg.factors,
+                    "extrapolation_seconds": extrap_s,
+                    "cost_seconds": cost_s,
+                },
+                "analytic_cost": analytic,
+            },
+            indent=2,
+        )
+    )
     return metrics, [png, record]
 
 

@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipeline.components.ffn import GeluConfig, MoEConfig, SwiGLUConfig, ffn_hidden
-from pipeline.components.pos_enc import LearnedConfig
 from pipeline.model import DecoderLM, ModelConfig
+from pipeline.model.components.ffn import GeluConfig, MoEConfig, SwiGLUConfig, ffn_hidden
+from pipeline.model.components.pos_enc import LearnedConfig
 
 
 def _norm_params(cfg: ModelConfig) -> int:
@@ -63,8 +63,9 @@ def _ffn_counts(cfg: ModelConfig) -> tuple[int, int, int]:
     return weights + biases, weights + biases, weights
 
 
-def analytic_cost(cfg: ModelConfig, context_length: int | None = None, batch: int = 1,
-                  bytes_per_element: int = 2) -> dict[str, float]:
+def analytic_cost(
+    cfg: ModelConfig, context_length: int | None = None, batch: int = 1, bytes_per_element: int = 2
+) -> dict[str, float]:
     """Parameters, forward FLOPs per token and KV-cache size of `cfg`, without building it.
 
     context_length: where attention FLOPs and the KV cache are evaluated (default: the training
@@ -83,7 +84,7 @@ def analytic_cost(cfg: ModelConfig, context_length: int | None = None, batch: in
 
     embed = V * d
     pos = cfg.pos_enc.max_len * d if isinstance(cfg.pos_enc, LearnedConfig) else 0
-    final_norm = _norm_params(cfg) if cfg.norm.placement == "pre" else 0
+    final_norm = _norm_params(cfg) if cfg.placement == "pre" else 0
     head = 0 if cfg.tie_embeddings else V * d
     outer = embed + pos + final_norm + head
 
@@ -112,8 +113,7 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def time_generation(model: DecoderLM, prompt: Tensor, new_tokens: int,
-                    use_cache: bool = True) -> tuple[float, float]:
+def time_generation(model: DecoderLM, prompt: Tensor, new_tokens: int, use_cache: bool = True) -> tuple[float, float]:
     """(prefill seconds, decode seconds) of greedy generation of `new_tokens` after `prompt`.
 
     With use_cache the prompt fills a KV cache and each new token is one forward pass of
@@ -150,9 +150,16 @@ def peak_memory_bytes(device: torch.device) -> float:
 
 
 @torch.no_grad()
-def measure_inference(model: DecoderLM, device: torch.device, batch_sizes: Sequence[int] = (1, 8),
-                      prompt_tokens: int | None = None, new_tokens: int = 32, repeats: int = 3,
-                      warmup: int = 1, seed: int = 0) -> dict[str, float]:
+def measure_inference(
+    model: DecoderLM,
+    device: torch.device,
+    batch_sizes: Sequence[int] = (1, 8),
+    prompt_tokens: int | None = None,
+    new_tokens: int = 32,
+    repeats: int = 3,
+    warmup: int = 1,
+    seed: int = 0,
+) -> dict[str, float]:
     """Prefill and cached-decode throughput, median over `repeats` after `warmup` untimed runs.
 
     Keys: prefill_tokens_per_s / decode_tokens_per_s for the first batch size, with a `_b{B}`
@@ -209,10 +216,16 @@ def format_table(cost: dict[str, float], title: str = "") -> str:
         ("params total", human(cost["params_total"]), f"{cost['params_total']:.0f}"),
         ("params active / token", human(cost["params_active"]), f"{cost['params_active']:.0f}"),
         (f"forward FLOPs / token @ {T}", human(cost["flops_per_token"], "FLOP"), f"{cost['flops_per_token']:.4g}"),
-        ("  of which attention QK^T, AV", human(cost["attn_flops_per_token"], "FLOP"),
-         f"{cost['attn_flops_per_token'] / cost['flops_per_token']:.1%}"),
-        (f"KV cache / token ({int(cost['bytes_per_element'])} B/elem)", binary(cost["kv_bytes_per_token"]),
-         f"{cost['kv_bytes_per_token']:.0f}"),
+        (
+            "  of which attention QK^T, AV",
+            human(cost["attn_flops_per_token"], "FLOP"),
+            f"{cost['attn_flops_per_token'] / cost['flops_per_token']:.1%}",
+        ),
+        (
+            f"KV cache / token ({int(cost['bytes_per_element'])} B/elem)",
+            binary(cost["kv_bytes_per_token"]),
+            f"{cost['kv_bytes_per_token']:.0f}",
+        ),
         (f"KV cache @ context {T} x batch {B}", binary(cost["kv_bytes"]), f"{cost['kv_bytes']:.0f}"),
     ]
     width = max(len(r[0]) for r in rows)

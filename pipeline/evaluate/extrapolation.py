@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.components.pos_enc import LearnedConfig, RopeConfig
 from pipeline.model import DecoderLM, ModelConfig
+from pipeline.model.components.pos_enc import LearnedConfig, RopeConfig
 
 ROPE_SCALINGS = ("linear", "ntk")
 
@@ -55,8 +55,9 @@ def windows(span: Tensor, length: int, stride: int | None = None) -> tuple[Tenso
 
 
 @torch.no_grad()
-def window_nll(model: DecoderLM, inputs: Tensor, targets: Tensor, batch_tokens: int,
-               score_from: Tensor | None = None) -> tuple[float, int]:
+def window_nll(
+    model: DecoderLM, inputs: Tensor, targets: Tensor, batch_tokens: int, score_from: Tensor | None = None
+) -> tuple[float, int]:
     """(summed NLL, number of scored tokens) over windows, batched to ~batch_tokens per forward.
 
     score_from: (n_windows,) first scored position of each window (default 0: all positions).
@@ -80,8 +81,7 @@ def window_nll(model: DecoderLM, inputs: Tensor, targets: Tensor, batch_tokens: 
     return total, count
 
 
-def perplexity(model: DecoderLM, span: Tensor, length: int, batch_tokens: int,
-               stride: int | None = None) -> float:
+def perplexity(model: DecoderLM, span: Tensor, length: int, batch_tokens: int, stride: int | None = None) -> float:
     """Perplexity of `span` in windows of `length`; with `stride` < length, sliding windows
     that score only their last `stride` tokens (the first window scores all)."""
     inputs, targets = windows(span, length, stride)
@@ -116,9 +116,15 @@ def check_factors(cfg: ModelConfig, factors: list[int]) -> list[int]:
     return factors
 
 
-def extrapolation(model: DecoderLM, tokens: Tensor, factors: list[int], max_windows: int,
-                  batch_tokens: int, sliding: bool = False,
-                  rope_scaling: list[str] = ()) -> dict[str, float]:
+def extrapolation(
+    model: DecoderLM,
+    tokens: Tensor,
+    factors: list[int],
+    max_windows: int,
+    batch_tokens: int,
+    sliding: bool = False,
+    rope_scaling: list[str] = (),
+) -> dict[str, float]:
     """Perplexities keyed ppl_x{f} (plus ppl_sliding_x{f}, ppl_x{f}_rope_{method} if asked)."""
     L = model.cfg.context_length
     factors = check_factors(model.cfg, factors)
@@ -143,8 +149,9 @@ def extrapolation(model: DecoderLM, tokens: Tensor, factors: list[int], max_wind
     return out
 
 
-def plot_extrapolation(ppl: dict[str, float], factors: list[int], context_length: int,
-                       path: Path, title: str = "") -> Path:
+def plot_extrapolation(
+    ppl: dict[str, float], factors: list[int], context_length: int, path: Path, title: str = ""
+) -> Path:
     """Perplexity against evaluation length (log2 x axis), one line per protocol variant."""
     import matplotlib
 

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipeline.components.ffn import ffn_hidden
 from pipeline.model import DecoderLM, ModelConfig
+from pipeline.model.components.ffn import ffn_hidden
 
 SUPPORTED = ("GPT2LMHeadModel", "LlamaForCausalLM", "MixtralForCausalLM")
 _GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}  # HF name -> approximate
@@ -40,9 +40,7 @@ def from_hf(model: nn.Module) -> DecoderLM:
     """A DecoderLM with the architecture and weights of a transformers causal LM."""
     kind = type(model).__name__
     if kind not in SUPPORTED:
-        raise UnsupportedModelError(
-            f"from_hf: {kind} is not supported; supported classes: {', '.join(SUPPORTED)}"
-        )
+        raise UnsupportedModelError(f"from_hf: {kind} is not supported; supported classes: {', '.join(SUPPORTED)}")
     hf_cfg = model.config
     cfg = _gpt2_config(hf_cfg) if kind == "GPT2LMHeadModel" else _llama_config(hf_cfg, moe=kind == "MixtralForCausalLM")
     sd = model.state_dict()
@@ -77,8 +75,8 @@ def to_hf(model: DecoderLM) -> nn.Module:
 def hf_class_name(cfg: ModelConfig) -> str:
     """Which transformers class can hold this architecture; raises with the reason if none."""
     pos, norm, attn, ffn = cfg.pos_enc.name, cfg.norm.name, cfg.attention.name, cfg.ffn.name
-    if cfg.norm.placement != "pre":
-        raise UnsupportedModelError("to_hf: norm.placement='post' has no transformers counterpart here; use pre")
+    if cfg.placement != "pre":
+        raise UnsupportedModelError("to_hf: placement='post' has no transformers counterpart here; use pre")
     if (pos, norm, attn, ffn) == ("learned", "layernorm", "mha", "gelu"):
         if not cfg.bias:
             raise UnsupportedModelError("to_hf: GPT-2 has biases everywhere; set model.bias=true")
@@ -109,18 +107,28 @@ def _gpt2_config(c: Any) -> ModelConfig:
         raise UnsupportedModelError(
             f"from_hf: GPT-2 activation_function='{c.activation_function}' is not supported; valid: {', '.join(_GELU)}"
         )
-    for flag, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                       ("reorder_and_upcast_attn", False), ("add_cross_attention", False)):
+    for flag, want in (
+        ("scale_attn_weights", True),
+        ("scale_attn_by_inverse_layer_idx", False),
+        ("reorder_and_upcast_attn", False),
+        ("add_cross_attention", False),
+    ):
         if getattr(c, flag, want) != want:
             raise UnsupportedModelError(f"from_hf: GPT-2 {flag}={getattr(c, flag)} is not supported; only {want}")
     return ModelConfig(
-        d_model=c.n_embd, n_layers=c.n_layer, n_heads=c.n_head, context_length=c.n_positions,
+        d_model=c.n_embd,
+        n_layers=c.n_layer,
+        n_heads=c.n_head,
+        context_length=c.n_positions,
         vocab_size=c.vocab_size,
         pos_enc={"name": "learned", "max_len": c.n_positions},
-        norm={"name": "layernorm", "placement": "pre", "eps": c.layer_norm_epsilon},
+        placement="pre",
+        norm={"name": "layernorm", "eps": c.layer_norm_epsilon},
         attention={"name": "mha"},
         ffn={"name": "gelu", "hidden": c.n_inner or 4 * c.n_embd, "approximate": _GELU[c.activation_function]},
-        bias=True, tie_embeddings=c.tie_word_embeddings, dropout=float(c.resid_pdrop),
+        bias=True,
+        tie_embeddings=c.tie_word_embeddings,
+        dropout=float(c.resid_pdrop),
         init_std=c.initializer_range,
     )
 
@@ -130,12 +138,22 @@ def _gpt2_hf_config(cfg: ModelConfig) -> Any:
 
     p = float(cfg.dropout)
     return transformers.GPT2Config(
-        vocab_size=cfg.vocab_size, n_positions=cfg.pos_enc.max_len, n_embd=cfg.d_model,
-        n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=ffn_hidden(cfg.ffn, cfg.d_model),
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.pos_enc.max_len,
+        n_embd=cfg.d_model,
+        n_layer=cfg.n_layers,
+        n_head=cfg.n_heads,
+        n_inner=ffn_hidden(cfg.ffn, cfg.d_model),
         activation_function="gelu_new" if cfg.ffn.approximate == "tanh" else "gelu",
-        resid_pdrop=p, embd_pdrop=p, attn_pdrop=p, layer_norm_epsilon=cfg.norm.eps,
-        initializer_range=cfg.init_std, tie_word_embeddings=cfg.tie_embeddings,
-        bos_token_id=None, eos_token_id=None, pad_token_id=None,  # ours has no special tokens
+        resid_pdrop=p,
+        embd_pdrop=p,
+        attn_pdrop=p,
+        layer_norm_epsilon=cfg.norm.eps,
+        initializer_range=cfg.init_std,
+        tie_word_embeddings=cfg.tie_embeddings,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,  # ours has no special tokens
     )
 
 
@@ -159,8 +177,12 @@ def _llama_config(c: Any, moe: bool) -> ModelConfig:
     if rope_type == "default":
         pos_enc = {"name": "rope", "theta": float(rope["rope_theta"])}
     elif rope_type == "linear":  # position interpolation (Chen et al. 2023)
-        pos_enc = {"name": "rope", "theta": float(rope["rope_theta"]), "scaling": "linear",
-                   "scale": float(rope["factor"])}
+        pos_enc = {
+            "name": "rope",
+            "theta": float(rope["rope_theta"]),
+            "scaling": "linear",
+            "scale": float(rope["factor"]),
+        }
     else:
         raise UnsupportedModelError(f"from_hf: rope_type='{rope_type}' is not supported; valid: default, linear")
     attn_bias, mlp_bias = getattr(c, "attention_bias", False), getattr(c, "mlp_bias", False)
@@ -171,41 +193,68 @@ def _llama_config(c: Any, moe: bool) -> ModelConfig:
     kv = c.num_key_value_heads or c.num_attention_heads
     attention = {"name": "mha"} if kv == c.num_attention_heads else {"name": "gqa", "n_kv_heads": kv}
     if moe:
-        ffn = {"name": "moe", "hidden": c.intermediate_size, "n_experts": c.num_local_experts,
-               "top_k": c.num_experts_per_tok, "aux_loss_coef": c.router_aux_loss_coef,
-               "expert": "swiglu", "capacity_factor": None}
+        ffn = {
+            "name": "moe",
+            "hidden": c.intermediate_size,
+            "n_experts": c.num_local_experts,
+            "top_k": c.num_experts_per_tok,
+            "aux_loss_coef": c.router_aux_loss_coef,
+            "expert": "swiglu",
+            "capacity_factor": None,
+        }
     else:
         ffn = {"name": "swiglu", "hidden": c.intermediate_size}
     return ModelConfig(
-        d_model=c.hidden_size, n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads,
-        context_length=c.max_position_embeddings, vocab_size=c.vocab_size, pos_enc=pos_enc,
-        norm={"name": "rmsnorm", "placement": "pre", "eps": c.rms_norm_eps},
-        attention=attention, ffn=ffn, bias=bool(attn_bias), tie_embeddings=c.tie_word_embeddings,
-        dropout=float(c.attention_dropout or 0.0), init_std=c.initializer_range,
+        d_model=c.hidden_size,
+        n_layers=c.num_hidden_layers,
+        n_heads=c.num_attention_heads,
+        context_length=c.max_position_embeddings,
+        vocab_size=c.vocab_size,
+        pos_enc=pos_enc,
+        placement="pre",
+        norm={"name": "rmsnorm", "eps": c.rms_norm_eps},
+        attention=attention,
+        ffn=ffn,
+        bias=bool(attn_bias),
+        tie_embeddings=c.tie_word_embeddings,
+        dropout=float(c.attention_dropout or 0.0),
+        init_std=c.initializer_range,
     )
 
 
 def _llama_hf_config(cfg: ModelConfig, moe: bool) -> Any:
     import transformers
 
-
     ffn = cfg.ffn
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.pos_enc.theta}
     if cfg.pos_enc.scaling == "linear":
         rope = {"rope_type": "linear", "rope_theta": cfg.pos_enc.theta, "factor": cfg.pos_enc.scale}
     common = dict(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
         intermediate_size=ffn_hidden(ffn, cfg.d_model),
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.context_length,
-        rms_norm_eps=cfg.norm.eps, tie_word_embeddings=cfg.tie_embeddings, rope_parameters=rope,
-        attention_dropout=float(cfg.dropout), initializer_range=cfg.init_std, hidden_act="silu",
-        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        max_position_embeddings=cfg.context_length,
+        rms_norm_eps=cfg.norm.eps,
+        tie_word_embeddings=cfg.tie_embeddings,
+        rope_parameters=rope,
+        attention_dropout=float(cfg.dropout),
+        initializer_range=cfg.init_std,
+        hidden_act="silu",
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
     )
     if moe:
         return transformers.MixtralConfig(
-            **common, num_local_experts=ffn.n_experts, num_experts_per_tok=ffn.top_k,
-            router_aux_loss_coef=ffn.aux_loss_coef, router_jitter_noise=0.0, sliding_window=None,
+            **common,
+            num_local_experts=ffn.n_experts,
+            num_experts_per_tok=ffn.top_k,
+            router_aux_loss_coef=ffn.aux_loss_coef,
+            router_jitter_noise=0.0,
+            sliding_window=None,
         )
     return transformers.LlamaConfig(**common, attention_bias=cfg.bias, mlp_bias=cfg.bias)
 
@@ -217,12 +266,22 @@ def _head(sd: dict[str, Tensor], key: str, embedding: Tensor) -> Tensor:
 
 def _from_gpt2(sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
     t = "transformer."
-    out = {"tok_emb.weight": sd[t + "wte.weight"], "pos.table.weight": sd[t + "wpe.weight"],
-           "final_norm.weight": sd[t + "ln_f.weight"], "final_norm.bias": sd[t + "ln_f.bias"]}
+    out = {
+        "tok_emb.weight": sd[t + "wte.weight"],
+        "pos.table.weight": sd[t + "wpe.weight"],
+        "final_norm.weight": sd[t + "ln_f.weight"],
+        "final_norm.bias": sd[t + "ln_f.bias"],
+    }
     out["head.weight"] = _head(sd, "lm_head.weight", out["tok_emb.weight"])
     # Conv1D weights are (in, out): transpose to nn.Linear's (out, in).
-    pairs = {"norm1": "ln_1", "norm2": "ln_2", "attn.qkv": "attn.c_attn", "attn.out": "attn.c_proj",
-             "ffn.up": "mlp.c_fc", "ffn.down": "mlp.c_proj"}
+    pairs = {
+        "norm1": "ln_1",
+        "norm2": "ln_2",
+        "attn.qkv": "attn.c_attn",
+        "attn.out": "attn.c_proj",
+        "ffn.up": "mlp.c_fc",
+        "ffn.down": "mlp.c_proj",
+    }
     for i in range(cfg.n_layers):
         for ours, theirs in pairs.items():
             w = sd[f"{t}h.{i}.{theirs}.weight"]
@@ -233,11 +292,21 @@ def _from_gpt2(sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
 
 def _to_gpt2(sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
     t = "transformer."
-    out = {t + "wte.weight": sd["tok_emb.weight"], t + "wpe.weight": sd["pos.table.weight"],
-           t + "ln_f.weight": sd["final_norm.weight"], t + "ln_f.bias": sd["final_norm.bias"],
-           "lm_head.weight": sd["head.weight"]}
-    pairs = {"ln_1": "norm1", "ln_2": "norm2", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.out",
-             "mlp.c_fc": "ffn.up", "mlp.c_proj": "ffn.down"}
+    out = {
+        t + "wte.weight": sd["tok_emb.weight"],
+        t + "wpe.weight": sd["pos.table.weight"],
+        t + "ln_f.weight": sd["final_norm.weight"],
+        t + "ln_f.bias": sd["final_norm.bias"],
+        "lm_head.weight": sd["head.weight"],
+    }
+    pairs = {
+        "ln_1": "norm1",
+        "ln_2": "norm2",
+        "attn.c_attn": "attn.qkv",
+        "attn.c_proj": "attn.out",
+        "mlp.c_fc": "ffn.up",
+        "mlp.c_proj": "ffn.down",
+    }
     for i in range(cfg.n_layers):
         for theirs, ours in pairs.items():
             w = sd[f"blocks.{i}.{ours}.weight"]
@@ -257,7 +326,9 @@ def _from_llama(sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
             out[o + f"attn.qkv.{kind}"] = torch.cat([sd[h + f"self_attn.{p}_proj.{kind}"] for p in "qkv"])
             out[o + f"attn.out.{kind}"] = sd[h + f"self_attn.o_proj.{kind}"]
             if cfg.ffn.name == "swiglu":
-                out[o + f"ffn.gate_up.{kind}"] = torch.cat([sd[h + "mlp.gate_proj." + kind], sd[h + "mlp.up_proj." + kind]])
+                out[o + f"ffn.gate_up.{kind}"] = torch.cat(
+                    [sd[h + "mlp.gate_proj." + kind], sd[h + "mlp.up_proj." + kind]]
+                )
                 out[o + f"ffn.down.{kind}"] = sd[h + f"mlp.down_proj.{kind}"]
         if cfg.ffn.name == "moe":
             out[o + "ffn.router.weight"] = sd[h + "mlp.gate.weight"]
@@ -267,8 +338,11 @@ def _from_llama(sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
 
 
 def _to_llama(sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
-    out = {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.norm.weight": sd["final_norm.weight"],
-           "lm_head.weight": sd["head.weight"]}
+    out = {
+        "model.embed_tokens.weight": sd["tok_emb.weight"],
+        "model.norm.weight": sd["final_norm.weight"],
+        "lm_head.weight": sd["head.weight"],
+    }
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     for i in range(cfg.n_layers):
         h, o = f"model.layers.{i}.", f"blocks.{i}."

@@ -1,0 +1,104 @@
+"""The token cache: one .npz per corpus, split and tokenizer, written atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.data.config import SPLITS, DataConfig
+from pipeline.data.sources import embedded_documents
+from pipeline.data.splits import TokenSplits, tokenize_and_split
+
+log = logging.getLogger(__name__)
+CACHE_FORMAT = 1  # bump when the cache layout or the splitting rule changes
+
+
+def _stat(path: Path) -> dict[str, Any]:
+    st = path.stat()
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def corpus_identity(cfg: DataConfig) -> dict[str, Any]:
+    """What makes the corpus what it is, computed without reading it (except the small embedded one)."""
+    if cfg.source == "embedded":
+        docs = embedded_documents()["text"]
+        return {"source": "embedded", "sha256": hashlib.sha256("\x00".join(docs).encode()).hexdigest()}
+    if cfg.source == "text_files":
+        return {
+            "source": "text_files",
+            "files": [_stat(Path(f).expanduser()) for f in cfg.files],
+            "sample_by": cfg.sample_by,
+        }
+    ident: dict[str, Any] = {
+        "source": "hf",
+        "name": cfg.name,
+        "config": cfg.config,
+        "split": cfg.split,
+        "text_field": cfg.text_field,
+    }
+    local = Path(cfg.name).expanduser()
+    if local.exists():  # a local directory: its files, so edits invalidate the cache
+        files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
+        ident["files"] = [_stat(p) for p in files]
+    return ident
+
+
+def cache_key(cfg: DataConfig) -> str:
+    ident = {
+        "format": CACHE_FORMAT,
+        "corpus": corpus_identity(cfg),
+        "split": {"val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction, "split_seed": cfg.split_seed},
+        "tokenizer": cfg.tokenizer,
+    }
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{cfg.source}-{Path(cfg.tokenizer).name}-{digest}"
+
+
+def default_cache_dir(cfg: DataConfig) -> Path:
+    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else Path.cwd() / ".cache" / "tokens"
+
+
+def _save(path: Path, splits: TokenSplits) -> None:
+    """Write the splits to `path` atomically: a temp file in the same folder, then rename, so a
+    concurrent reader sees either no file or the whole file."""
+    meta = {k: getattr(splits, k) for k in ("vocab_size", "tokenizer", "eos_id", "split_by", "documents")}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, train=splits.train, val=splits.val, test=splits.test, meta=np.array(json.dumps(meta)))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load(path: Path) -> TokenSplits:
+    with np.load(path) as z:
+        meta = json.loads(str(z["meta"]))
+        return TokenSplits(train=z["train"], val=z["val"], test=z["test"], cache_hit=True, cache_path=path, **meta)
+
+
+def load_token_splits(cfg: DataConfig, cache_dir: Path | None = None) -> TokenSplits:
+    """Train/val/test token arrays: from the on-disk cache when present, else built and cached."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir(cfg)
+    path = root / f"{cache_key(cfg)}.npz"
+    if path.exists():
+        try:
+            splits = _load(path)
+            log.info("data: token cache hit %s", path)
+            return splits
+        except Exception as e:  # an unreadable file (older format, disk trouble): rebuild it
+            log.warning("data: token cache %s unreadable (%s); rebuilding", path, e)
+    root.mkdir(parents=True, exist_ok=True)
+    splits = tokenize_and_split(cfg, root)
+    _save(path, splits)
+    splits.cache_path = path
+    log.info("data: tokenized %s into %s", {s: len(getattr(splits, s)) for s in SPLITS}, path)
+    return splits

@@ -1,0 +1,98 @@
+"""DataConfig: which corpus, how it is split and tokenized; validated before any data is read."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SOURCES = ("embedded", "text_files", "hf")
+SAMPLE_BY = ("document", "paragraph")  # text_files: one document per file, or per blank-line paragraph
+SPLITS = ("train", "val", "test")
+
+
+class DataConfigError(ValueError):
+    """An invalid data configuration; the message names the field, the value and what is valid."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "embedded"  # embedded | text_files | hf
+    files: tuple[str, ...] = ()  # text_files: paths, each file one document (see sample_by)
+    sample_by: str = "document"  # text_files: document | paragraph
+    name: str | None = None  # hf: hub id, or a local dataset directory
+    config: str | None = None  # hf: dataset configuration name
+    split: str = "train"  # hf: which split of the dataset to read (we re-split it by document)
+    text_field: str = "text"  # hf: column holding the text
+    val_fraction: float = 0.1  # share of tokens held out for validation
+    test_fraction: float = 0.1  # share of tokens held out for test (extrapolation evals)
+    split_seed: int = 0  # seed of the document shuffle; kept apart from the training seed
+    tokenizer: str = "byte"  # byte, or a transformers tokenizer name / local directory
+    cache_dir: str | None = None  # None: .cache/tokens under the current working directory
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DataConfig:
+        """A validated DataConfig; raises DataConfigError before any data is read."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise DataConfigError(f"data.{unknown[0]} is not a data setting; settings: {', '.join(known)}")
+        values = {k: v for k, v in d.items()}
+        files = values.get("files") or ()
+        if isinstance(files, (str, os.PathLike)):
+            files = (files,)
+        values["files"] = tuple(str(f) for f in files)
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.source not in SOURCES:
+            raise DataConfigError(f"data.source='{self.source}' is not a known source; valid: {', '.join(SOURCES)}")
+        # Settings of one source given to another are a typo or a forgotten `data=...`: say so.
+        for key, owner in (("files", "text_files"), ("name", "hf"), ("config", "hf")):
+            if getattr(self, key) and self.source != owner:
+                raise DataConfigError(
+                    f"data.{key} is only read with data.source={owner} (source is '{self.source}'); "
+                    f"select it with data={owner}"
+                )
+        if self.source == "text_files":
+            if not self.files:
+                raise DataConfigError("data.files is empty; give data.files=[path,...] with data=text_files")
+            for f in self.files:
+                p = Path(f).expanduser()
+                if not p.exists():
+                    raise DataConfigError(f"data.files: '{f}' does not exist")
+                if not p.is_file():
+                    raise DataConfigError(f"data.files: '{f}' is not a file")
+            if self.sample_by not in SAMPLE_BY:
+                raise DataConfigError(f"data.sample_by='{self.sample_by}' is not valid; valid: {', '.join(SAMPLE_BY)}")
+        if self.source == "hf":
+            if not self.name:
+                raise DataConfigError("data.name is required with data=hf (a hub id or a local dataset directory)")
+            if _looks_like_path(self.name) and not Path(self.name).expanduser().exists():
+                raise DataConfigError(f"data.name: local dataset directory '{self.name}' does not exist")
+        for key in ("val_fraction", "test_fraction"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+                raise DataConfigError(f"data.{key}={v!r} must be a number in (0, 1)")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise DataConfigError(
+                f"data.val_fraction + data.test_fraction = {self.val_fraction + self.test_fraction:g} "
+                "leaves no training text; keep the sum below 1"
+            )
+        if isinstance(self.split_seed, bool) or not isinstance(self.split_seed, int):
+            raise DataConfigError(f"data.split_seed={self.split_seed!r} must be an integer")
+        if not isinstance(self.tokenizer, str) or not self.tokenizer:
+            raise DataConfigError(f"data.tokenizer={self.tokenizer!r} must be 'byte' or a transformers tokenizer name")
+        if self.tokenizer != "byte" and _looks_like_path(self.tokenizer):
+            if not Path(self.tokenizer).expanduser().exists():
+                raise DataConfigError(f"data.tokenizer: local tokenizer directory '{self.tokenizer}' does not exist")
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub ids look like "org/name"; local paths are written absolute, relative with ./ or ../, or with ~.
+    return name.startswith(("/", "./", "../", "~")) or Path(name).exists()

@@ -1,0 +1,83 @@
+"""LightningModule around DecoderLM: loss, AdamW with decay groups, warmup + cosine schedule.
+
+It knows nothing of sweeps or MLflow; metrics go through `self.log` to whatever logger the
+Trainer has.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pipeline.model import DecoderLM, ModelConfig
+from pipeline.run.optim import OptimConfig, lr_lambda
+
+
+class LitDecoderLM(L.LightningModule):
+    def __init__(self, model_cfg: ModelConfig, optim: OptimConfig, max_steps: int) -> None:
+        super().__init__()
+        self.model = DecoderLM(model_cfg)
+        self.optim = optim
+        self.max_steps = max_steps
+        self.n_moe = len(self.model.moe_layers)
+        self._load_sum: Tensor | None = None  # MoE expert load summed since the last validation
+        self._load_steps = 0
+        self.tokens_seen = 0
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.model(tokens)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        logits, aux = self.model(x, return_aux=True)
+        lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        if not torch.isfinite(lm_loss):
+            raise FloatingPointError(f"train/loss is {lm_loss.item()} at step {self.global_step}")
+        self.tokens_seen += y.numel()
+        self.log("train/loss", lm_loss, prog_bar=True)
+        self.log("train/tokens_seen", float(self.tokens_seen))
+        self.log("lr", self.optimizers().param_groups[0]["lr"])
+        if not aux:
+            return lm_loss
+        # MoE: load-balancing and z-losses join the objective (Switch; ST-MoE).
+        self.log_dict(
+            {"moe/balance": aux["moe_balance"], "moe/z": aux["moe_z"], "moe/dropped": aux["moe_dropped"].float()}
+        )
+        load = aux["expert_load"]
+        self._load_sum = load if self._load_sum is None else self._load_sum + load
+        self._load_steps += 1
+        return lm_loss + aux["moe_loss"]
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        loss = F.cross_entropy(self.model(x).flatten(0, 1).float(), y.flatten())
+        self.log("val/loss", loss, prog_bar=True)  # averaged over the val batches
+
+    def on_validation_epoch_end(self) -> None:
+        val_loss = self.trainer.callback_metrics.get("val/loss")
+        if val_loss is not None:
+            self.log("val/ppl", torch.exp(val_loss))
+        if self._load_sum is not None and self._load_steps:
+            load = (self._load_sum / self._load_steps).tolist()
+            self.log_dict({f"moe/load/l{i}/e{j}": v for i, row in enumerate(load) for j, v in enumerate(row)})
+            self._load_sum, self._load_steps = None, 0
+
+    def configure_optimizers(self):
+        # Weight decay on matrices only; biases, norm gains and embedding tables excluded.
+        decay, no_decay = [], []
+        embeddings = {id(p) for m in self.model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+        for p in self.model.parameters():
+            (decay if p.ndim >= 2 and id(p) not in embeddings else no_decay).append(p)
+        o = self.optim
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr,
+            betas=tuple(o.betas),
+            eps=o.eps,
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_lambda(s, o.warmup_steps, self.max_steps, o.min_lr_ratio)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

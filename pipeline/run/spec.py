@@ -1,0 +1,120 @@
+"""The typed run spec: the composed Hydra config turned into validated objects, once.
+
+Kept free of Lightning and MLflow so that `pipeline.cost` and error paths start fast; nothing
+here reads data or creates a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.data.config import DataConfig, DataConfigError
+from pipeline.evaluate import EvalConfig
+from pipeline.evaluate.extrapolation import check_factors
+from pipeline.model import ConfigError, ModelConfig
+from pipeline.run.optim import OptimConfig
+
+
+class RunConfigError(ValueError):
+    """An invalid training, optimizer or evaluation setting."""
+
+
+INVALID_CONFIG = (ConfigError, DataConfigError, RunConfigError)
+
+
+@dataclass
+class RunSpec:
+    """Everything a run needs, typed and validated."""
+
+    model: ModelConfig
+    preset: str | None
+    data: DataConfig
+    batch_size: int
+    val_batches: int
+    optim: OptimConfig
+    max_steps: int
+
+
+def _require(key: str, value: Any, ok: bool, valid: str) -> None:
+    if not ok:
+        raise RunConfigError(f"{key}={value!r} is not valid; {valid}")
+
+
+def validate_config(cfg: DictConfig) -> RunSpec:
+    """Turn the composed config into typed objects, raising a clear error; builds nothing."""
+    c = OmegaConf.to_container(cfg, resolve=True)
+    model_cfg, preset = model_from_config(c)
+    try:  # evaluation runs after training: its settings are checked now, not then
+        eval_cfg = EvalConfig.from_dict(c.get("eval", {}))
+        if eval_cfg.enabled:
+            check_factors(model_cfg, eval_cfg.factors)
+    except ValueError as e:
+        raise RunConfigError(str(e)) from None
+
+    data = dict(c["data"])
+    batch_size, val_batches = data.pop("batch_size", 16), data.pop("val_batches", 4)
+    _require("data.batch_size", batch_size, isinstance(batch_size, int) and batch_size > 0, "use a positive integer")
+    _require(
+        "data.val_batches", val_batches, isinstance(val_batches, int) and val_batches > 0, "use a positive integer"
+    )
+    data_cfg = DataConfig.from_dict(data)
+
+    t = c["trainer"]
+    steps = t.get("max_steps")
+    _require(
+        "trainer.max_steps", steps, isinstance(steps, int) and steps > 0, "use a positive number of optimizer steps"
+    )
+    every = t.get("val_check_interval")
+    _require(
+        "trainer.val_check_interval",
+        every,
+        isinstance(every, int) and 0 < every <= steps,
+        f"use an integer number of steps between 1 and trainer.max_steps={steps}",
+    )
+    known = {f.name for f in dataclasses.fields(OptimConfig)}
+    unknown = sorted(set(c["optimizer"]) - known)
+    if unknown:
+        raise RunConfigError(
+            f"optimizer.{unknown[0]} is not an optimizer setting; settings: {', '.join(sorted(known))}"
+        )
+    o = OptimConfig(**c["optimizer"])
+    _require("optimizer.lr", o.lr, o.lr > 0, "use a positive learning rate")
+    _require(
+        "optimizer.warmup_steps",
+        o.warmup_steps,
+        isinstance(o.warmup_steps, int) and o.warmup_steps >= 0,
+        "use a non-negative integer",
+    )
+    _require("optimizer.weight_decay", o.weight_decay, o.weight_decay >= 0, "use a non-negative value")
+    return RunSpec(model_cfg, preset, data_cfg, batch_size, val_batches, o, steps)
+
+
+def model_from_config(c: dict[str, Any]) -> tuple[ModelConfig, str | None]:
+    """The ModelConfig a run builds from the resolved root config, and its preset name (a tag).
+
+    A learned position table gets max(eval.factors) x context_length rows, so extrapolation
+    can score every factor (rows past the training length are never trained).
+    """
+    model = dict(c["model"])
+    preset = model.pop("preset", None)
+    factors = list((c.get("eval") or {}).get("factors") or [1])
+    pos = model.get("pos_enc") or {}
+    if pos.get("name") == "learned" and pos.get("max_len") is None:
+        valid = all(isinstance(f, int) and f >= 1 for f in factors)
+        model["pos_enc"] = {**pos, "max_len": (max(factors) if valid else 1) * model.get("context_length", 1)}
+    return ModelConfig.from_dict(model), preset
+
+
+def resolve_budget(argv: list[str]) -> list[str]:
+    """`budget=auto` (also the default on the command line): gpu when CUDA is present, else cpu."""
+    import torch
+
+    choice = "gpu" if torch.cuda.is_available() else "cpu"
+    rest = [a for a in argv if a != "budget=auto"]
+    if any(a.startswith("budget=") for a in rest):
+        return argv
+    return rest + [f"budget={choice}"]

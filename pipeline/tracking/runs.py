@@ -1,0 +1,114 @@
+"""MLflow runs: experiment per study, parent/child runs, tags, flattened params, run status.
+
+Every tag and metric name is in `pipeline.tracking.schema`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
+
+PARENT_ENV = "PIPELINE_PARENT_RUN_ID"  # set by the sweep callback for its child runs
+TRIAL_ENV = "PIPELINE_TRIAL_NUMBER"
+REPO = Path(__file__).resolve().parents[2]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def start_run(uri: str, study: str, run_name: str, tags: dict[str, str], system_metrics: bool) -> mlflow.ActiveRun:
+    """Start a run in the study's experiment; a child of the sweep's parent run when inside one."""
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(study)
+    tags = dict(tags)
+    if os.environ.get(TRIAL_ENV):
+        tags["trial"] = os.environ[TRIAL_ENV]
+    return mlflow.start_run(
+        run_name=run_name,
+        tags=tags,
+        parent_run_id=os.environ.get(PARENT_ENV) or None,
+        log_system_metrics=system_metrics,
+    )
+
+
+def log_params(params: dict[str, Any]) -> None:
+    """Log params in batches, values cut to MLflow's length limit (the full config is an artifact)."""
+    items = [(k, str(v)[:MAX_PARAM_VAL_LENGTH]) for k, v in params.items()]
+    for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+        mlflow.log_params(dict(items[i : i + MAX_PARAMS_TAGS_PER_BATCH]))
+
+
+def end_run(status: str, reason: str | None = None, **tags: str) -> None:
+    """End the active run as FINISHED, FAILED or KILLED, with the reason as a tag."""
+    if reason:
+        mlflow.set_tag("failure_reason", reason[:5000])
+    for key, value in tags.items():
+        mlflow.set_tag(key, value)
+    mlflow.end_run(status=status)
+
+
+@contextmanager
+def tracked_run(
+    uri: str, study: str, run_name: str, tags: dict[str, str], system_metrics: bool
+) -> Iterator[mlflow.ActiveRun]:
+    """A run whose end status follows the block: FINISHED when it returns, KILLED when pruned
+    or interrupted (Ctrl-C, SIGTERM via SystemExit), FAILED with the reason on any error."""
+    import optuna
+
+    with start_run(uri, study, run_name, tags, system_metrics) as active:
+        try:
+            yield active
+        except optuna.TrialPruned as e:
+            end_run("KILLED", None, pruned="true", pruned_reason=str(e) or "pruned")
+            raise
+        except (KeyboardInterrupt, SystemExit) as e:
+            end_run("KILLED", f"interrupted: {type(e).__name__}")
+            raise
+        except BaseException as e:
+            end_run("FAILED", f"{type(e).__name__}: {e}")
+            raise
+        end_run("FINISHED")
+
+
+def lightning_logger(uri: str, run_id: str):
+    """Lightning's MLFlowLogger bound to our run, which it must not end: the run ends after
+    evaluation, with its real status (FINISHED, FAILED or KILLED), in `end_run`."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    class RunLogger(MLFlowLogger):
+        def finalize(self, status: str = "success") -> None:
+            pass
+
+    return RunLogger(tracking_uri=uri, run_id=run_id, log_model=False)

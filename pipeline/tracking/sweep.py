@@ -1,0 +1,202 @@
+"""Sweep glue between Hydra multirun, the Optuna sweeper plugin, Lightning and MLflow.
+
+- `MLflowSweepCallback` (a Hydra callback, registered in pipeline/conf/train.yaml): the sweep is a
+  parent run in the study's experiment, every job a child run (through PIPELINE_PARENT_RUN_ID,
+  read by pipeline.tracking). Works with the basic sweeper and with `hydra/sweeper=optuna`; an
+  Optuna sweep that is rerun (resumed) reuses its parent run.
+- `trial_callbacks(cfg)`: the Lightning callbacks a training run needs inside an Optuna trial
+  (pruning on val/loss); [] outside a sweep.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import optuna
+from hydra.experimental.callback import Callback as HydraCallback
+from omegaconf import DictConfig, OmegaConf
+
+from hydra_plugins.pipeline_optuna_sweeper import current_trial, last_summary
+from hydra_plugins.pipeline_optuna_sweeper.study import worker, worker_dead
+from hydra_plugins.pipeline_optuna_sweeper.sweeper import format_summary, resolve_storage
+from pipeline.tracking.runs import PARENT_ENV, TRIAL_ENV
+from pipeline.tracking.uri import resolve_tracking_uri
+
+log = logging.getLogger(__name__)
+
+OBJECTIVE = "val/loss"
+
+
+# -- inside a trial: pruning -------------------------------------------------------------------
+
+
+class OptunaPruning(L.Callback):
+    """Report `val/loss` to the trial after each validation; raise TrialPruned when the pruner
+    says so (Optuna's median / Hyperband pruners compare it with other trials at that step)."""
+
+    def __init__(self, trial: optuna.Trial, monitor: str = OBJECTIVE) -> None:
+        self.trial, self.monitor = trial, monitor
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        value, step = float(trainer.callback_metrics[self.monitor]), trainer.global_step
+        self.trial.report(value, step=step)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"{self.monitor}={value:.4f} at step {step}")
+
+
+def trial_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    trial = current_trial()
+    return [OptunaPruning(trial)] if trial is not None else []
+
+
+# -- around the sweep: the MLflow parent run ----------------------------------------------------
+
+
+class MLflowSweepCallback(HydraCallback):
+    """Parent MLflow run of a Hydra multirun; its children are the jobs' training runs."""
+
+    def __init__(self) -> None:
+        self.client: Any = None
+        self.parent_id: str | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from mlflow import MlflowClient
+
+        study = str(config.study)
+        self.client = MlflowClient(resolve_tracking_uri(OmegaConf.select(config, "tracking.uri")))
+        exp = self.client.get_experiment_by_name(study)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(study)
+        key = _optuna_study_key(config)
+        tags = {
+            "sweep": "true",
+            "study": study,
+            "sweeper": "optuna" if key else "basic",
+            "worker": worker(),
+            "mlflow.runName": f"sweep-{study}",
+        }
+        parent = self._find_parent(exp_id, key) if key else None
+        if parent is None:
+            self.parent_id = self.client.create_run(
+                exp_id, run_name=f"sweep-{study}", tags={**tags, **({"optuna_study": key} if key else {})}
+            ).info.run_id
+        else:  # the same Optuna study again: resume its parent run
+            self.parent_id = parent.info.run_id
+            if worker_dead(parent.data.tags.get("worker", "")):
+                self._kill_orphans(exp_id)
+            self.client.update_run(self.parent_id, status="RUNNING")
+            self.client.set_tag(self.parent_id, "worker", worker())
+            log.info("resuming sweep parent run %s", self.parent_id)
+        os.environ[PARENT_ENV] = self.parent_id
+        atexit.register(self._close, "FAILED")  # a sweep that raises never reaches on_multirun_end
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.parent_id is None:  # a single run (no multirun): nothing to number
+            return
+        trial = current_trial()
+        os.environ[TRIAL_ENV] = str(trial.number if trial is not None else config.hydra.job.num)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.parent_id is None:
+            return
+        summary = self._summary()
+        c = self.client
+        for name, value in summary["metrics"].items():
+            c.log_metric(self.parent_id, name, value)
+        for name, value in summary["tags"].items():
+            c.set_tag(self.parent_id, name, value)
+        c.log_text(self.parent_id, json.dumps(summary, indent=2, default=str), "sweep_summary.json")
+        c.log_text(self.parent_id, summary["table"], "sweep_summary.txt")
+        out = Path("reports") / str(config.study)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "sweep_summary.txt").write_text(summary["table"] + "\n")
+        print(summary["table"])
+        self._close("FINISHED")
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _find_parent(self, exp_id: str, key: str) -> Any:
+        runs = self.client.search_runs(
+            [exp_id],
+            filter_string=f"tags.optuna_study = '{key}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        return runs[0] if runs else None
+
+    def _children(self, exp_id: str | None = None) -> list[Any]:
+        exp_id = exp_id or self.client.get_run(self.parent_id).info.experiment_id
+        return self.client.search_runs(
+            [exp_id], filter_string=f"tags.mlflow.parentRunId = '{self.parent_id}'", max_results=10000
+        )
+
+    def _kill_orphans(self, exp_id: str) -> None:
+        """Child runs left RUNNING by a process that died (SIGKILL, power loss) end KILLED."""
+        for run in self._children(exp_id):
+            if run.info.status == "RUNNING":
+                self.client.set_tag(run.info.run_id, "failure_reason", "interrupted: the sweep process died")
+                self.client.set_terminated(run.info.run_id, status="KILLED")
+                log.warning("child run %s was left RUNNING by a dead sweep: marked KILLED", run.info.run_id)
+
+    def _summary(self) -> dict[str, Any]:
+        runs = self._children()
+        by_status: dict[str, int] = {}
+        for r in runs:
+            by_status[r.info.status] = by_status.get(r.info.status, 0) + 1
+        metrics = {f"sweep/runs_{s.lower()}": float(n) for s, n in by_status.items()}
+        tags: dict[str, str] = {}
+        done = [r for r in runs if r.info.status == "FINISHED" and OBJECTIVE in r.data.metrics]
+        if done:
+            best = min(done, key=lambda r: r.data.metrics[OBJECTIVE])
+            metrics[f"sweep/best_{OBJECTIVE.replace('/', '_')}"] = best.data.metrics[OBJECTIVE]
+            tags.update(best_run_id=best.info.run_id, best_run_name=best.info.run_name or "")
+        optuna_summary = last_summary()
+        if optuna_summary is not None:
+            for k, n in optuna_summary["counts"].items():
+                metrics[f"sweep/{k}"] = float(n)
+            if optuna_summary["best"]:
+                b = optuna_summary["best"]
+                tags.update(best_trial=str(b["number"]), best_params=json.dumps(b["params"]))
+            table = format_summary(optuna_summary)
+        else:
+            rows = sorted(runs, key=lambda r: r.data.metrics.get(OBJECTIVE, float("inf")))
+            table = "\n".join(
+                [f"{'run':<40} {'status':<9} {OBJECTIVE}"]
+                + [
+                    f"{(r.info.run_name or r.info.run_id):<40} {r.info.status:<9} "
+                    f"{r.data.metrics.get(OBJECTIVE, float('nan')):.4f}"
+                    for r in rows
+                ]
+                + [", ".join(f"{n} {s.lower()}" for s, n in sorted(by_status.items()))]
+            )
+        return {
+            "metrics": metrics,
+            "tags": tags,
+            "table": table,
+            "optuna": optuna_summary,
+            "runs": {r.info.run_id: r.info.status for r in runs},
+        }
+
+    def _close(self, status: str) -> None:
+        if self.parent_id is None:
+            return
+        self.client.set_terminated(self.parent_id, status=status)
+        os.environ.pop(PARENT_ENV, None)
+        os.environ.pop(TRIAL_ENV, None)
+        self.parent_id = None
+
+
+def _optuna_study_key(config: DictConfig) -> str | None:
+    """`<storage>#<study name>` for an Optuna sweep (what identifies a resumable sweep)."""
+    sweeper = config.hydra.sweeper
+    if not str(sweeper.get("_target_", "")).startswith("hydra_plugins.pipeline_optuna_sweeper"):
+        return None
+    name = sweeper.get("study_name") or config.hydra.job.name
+    return f"{resolve_storage(sweeper.get('storage'))}#{name}"

@@ -34,12 +34,12 @@ def main(argv: list[str] | None = None) -> int:
         hc = HydraConfig.get()
         try:
             spec = validate_config(cfg)
+            return run(cfg, spec, list(hc.overrides.task), Path(hc.runtime.output_dir))
         except INVALID_CONFIG as e:  # found before training: no MLflow run was created
             if hc.mode != RunMode.RUN:
                 raise  # in a sweep: the sweeper records the trial as failed and goes on
             errors.append(str(e))
             return None
-        return run(cfg, spec, list(hc.overrides.task), Path(hc.runtime.output_dir))
 
     # Hydra's own entry point reads sys.argv; this one takes argv, with budget=auto resolved
     # (Hydra's defaults list cannot branch on the machine).

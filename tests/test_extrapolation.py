@@ -10,13 +10,14 @@ import pytest
 import torch
 import yaml
 
+from pipeline import CONF_DIR
 from pipeline.evaluate import evaluate_run
 from pipeline.evaluate.extrapolation import eval_span, extrapolation, perplexity, rope_scaled, window_nll, windows
 from pipeline.model import DecoderLM, ModelConfig
 from pipeline.model.components import POS_ENC
 
 CTX = 16
-CONF = Path(__file__).resolve().parents[1] / "conf" / "eval" / "default.yaml"
+CONF = CONF_DIR / "eval" / "default.yaml"
 
 
 def model(pos_enc: str = "alibi", preset: str = "gpt2", **kw) -> DecoderLM:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli import TINY, cli
 
 from pipeline.model import DecoderLM, ModelConfig
+from tests.helpers.cli import TINY, cli
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

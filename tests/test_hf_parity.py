@@ -124,7 +124,7 @@ def test_from_hf_gives_the_preset_architecture(preset):
     want = ModelConfig.from_preset(preset)
     for family in ("pos_enc", "norm", "attention", "ffn"):
         assert getattr(cfg, family).name == getattr(want, family).name, family
-    assert cfg.norm.placement == want.norm.placement
+    assert cfg.placement == want.placement
     assert (cfg.bias, cfg.tie_embeddings) == (want.bias, want.tie_embeddings)
     assert cfg.n_kv_heads == (2 if preset != "gpt2" else 4)
     if preset == "gpt2":
@@ -192,7 +192,7 @@ def test_unsupported_classes_are_refused():
         from_hf(transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=V)))
     for overrides, field in [
         ({"pos_enc": {"name": "alibi"}}, "pos_enc=alibi"),
-        ({"norm": {"name": "layernorm", "placement": "post"}}, "placement"),
+        ({"placement": "post"}, "placement"),
         ({"bias": False}, "bias"),
     ]:
         with pytest.raises(UnsupportedModelError, match=field):

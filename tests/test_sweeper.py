@@ -1,6 +1,6 @@
 """The Optuna sweeper plugin (hydra/sweeper=optuna) and the sweep glue (pipeline.tracking.sweep).
 
-Plugin behaviour is tested on a toy app (tests/sweeper_app) in a subprocess; the pipeline
+Plugin behaviour is tested on a toy app (tests/helpers/sweeper_app) in a subprocess; the pipeline
 tests run `python -m pipeline.train -m` with a tiny model and a few steps, against real
 SQLite stores in tmp_path: Optuna trials and MLflow parent/child runs.
 """
@@ -27,7 +27,7 @@ from hydra_plugins.pipeline_optuna_sweeper import search_space
 from hydra_plugins.pipeline_optuna_sweeper import study as study_lib
 
 ROOT = Path(__file__).resolve().parents[1]
-APP = ROOT / "tests" / "sweeper_app" / "app.py"
+APP = ROOT / "tests" / "helpers" / "sweeper_app" / "app.py"
 # The smallest run that trains, validates twice and logs to MLflow.
 TINY = [
     "trainer.max_steps=4",

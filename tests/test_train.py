@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from cli import TINY, cli
 from mlflow import MlflowClient
+
+from tests.helpers.cli import TINY, cli
 
 EVAL_OFF = ["eval.enabled=false"]
 

@@ -19,10 +19,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from _mlflow_study import log_grid
 from mlflow import MlflowClient
 
 from pipeline.analysis.report import build_report
+from tests.helpers.mlflow_study import log_grid
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")

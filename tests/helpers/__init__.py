@@ -1,0 +1,1 @@
+"""Test helpers: the real CLI in a scratch folder, synthetic MLflow studies, a toy Hydra app."""

@@ -62,11 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(describe(model, preset))
     print(format_table(cost))
-    max_len = getattr(model.pos_enc, "max_len", None)
-    if max_len is not None and cost["context_length"] > max_len:
+    limit = model.pos_enc.max_positions()
+    if limit is not None and cost["context_length"] > limit:
         print(
-            f"note: context {int(cost['context_length'])} is past the learned position table "
-            f"({max_len} rows); this model cannot run there"
+            f"note: context {int(cost['context_length'])} is past what pos_enc '{model.pos_enc.name}' can "
+            f"encode (model.pos_enc.{model.pos_enc.limit_key}={limit}); this model cannot run there"
         )
     return 0
 

@@ -215,7 +215,7 @@ def test_missing_file_is_named_before_any_work(tmp_path, monkeypatch):
     "bad, match",
     [
         ({"source": "wiki"}, "data.source='wiki'.*valid: embedded, text_files, hf"),
-        ({"sorce": "hf"}, "data.sorce is not a data setting"),
+        ({"sorce": "hf"}, "data.sorce is not a setting of data; valid: .*did you mean source"),
         ({"val_fraction": 1.5}, "data.val_fraction=1.5"),
         ({"test_fraction": 0}, "data.test_fraction=0"),
         ({"val_fraction": 0.5, "test_fraction": 0.5}, "leaves no training text"),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.model import ConfigError, DecoderLM, ModelConfig
-from pipeline.model.components import REGISTRIES
+from pipeline.model.components import REGISTRIES, Dims
 from pipeline.model.components.ffn import MoE, MoEConfig, SwiGLU, SwiGLUConfig
 from pipeline.model.presets import PRESETS
 
@@ -50,7 +50,8 @@ def cfg(**kw) -> ModelConfig:
         (dict(ffn={"name": "moe", "capacity_factor": 0.0}), r"model\.ffn\.capacity_factor=0\.0 must be > 0, or null"),
         (
             dict(pos_enc={"name": "rope", "thetaa": 1.0}),
-            r"model\.pos_enc\.thetaa is not a setting of pos_enc 'rope'; its settings: name, scale, scaling, theta",
+            r"model\.pos_enc\.thetaa is not a setting of pos_enc 'rope'; valid: name, scale, scaling, theta; "
+            r"did you mean theta\?",
         ),
         (
             dict(attention={"name": "mha", "n_kv_heads": 2}),
@@ -107,7 +108,9 @@ def test_non_positive_component_sizes_are_refused(kw, key):
 
 
 def test_unknown_model_field_and_preset_are_refused():
-    with pytest.raises(ConfigError, match=r"model\.n_head is not a model setting; valid: .*n_heads"):
+    with pytest.raises(
+        ConfigError, match=r"model\.n_head is not a setting of model; valid: .*; did you mean n_heads\?"
+    ):
         ModelConfig.from_dict({"n_head": 4})
     with pytest.raises(ConfigError, match=r"unknown preset 'gpt5'; valid: " + ", ".join(PRESETS)):
         ModelConfig.from_preset("gpt5")
@@ -171,9 +174,13 @@ def test_gqa_cache_holds_n_kv_heads_over_n_heads_of_mha_bytes(attention, n_kv):
 
 
 # -- MoE ---------------------------------------------------------------------------------------
+def dims(d_model: int) -> Dims:
+    return Dims(d_model=d_model, n_layers=1, n_heads=1, context_length=16, bias=False, dropout=0.0)
+
+
 def moe_layer(**kw) -> MoE:
     """A d_model=4 MoE whose router is the identity: a token's router logits are the token."""
-    layer = MoE(MoEConfig(**{"n_experts": 4, "top_k": 2, "hidden": 8, **kw}), d_model=4, bias=False)
+    layer = MoE(MoEConfig(**{"n_experts": 4, "top_k": 2, "hidden": 8, **kw}), dims(4), layer=0)
     with torch.no_grad():
         layer.router.weight.copy_(torch.eye(4))
     return layer
@@ -237,8 +244,8 @@ def test_moe_capacity_drops_are_counted_exactly():
 
 def test_moe_with_one_expert_equals_dense_swiglu():
     torch.manual_seed(0)
-    moe = MoE(MoEConfig(n_experts=1, top_k=1, hidden=24), d_model=16, bias=False)
-    dense = SwiGLU(SwiGLUConfig(hidden=24), d_model=16, bias=False)
+    moe = MoE(MoEConfig(n_experts=1, top_k=1, hidden=24), dims(16), layer=0)
+    dense = SwiGLU(SwiGLUConfig(hidden=24), dims(16), layer=0)
     with torch.no_grad():
         moe.w_in[0].copy_(dense.gate_up.weight)  # [gate; up] in both
         moe.w_out[0].copy_(dense.down.weight)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pipeline.checks import check_keys
 
 SOURCES = ("embedded", "text_files", "hf")
 SAMPLE_BY = ("document", "paragraph")  # text_files: one document per file, or per blank-line paragraph
@@ -36,10 +37,7 @@ class DataConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DataConfig:
         """A validated DataConfig; raises DataConfigError before any data is read."""
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise DataConfigError(f"data.{unknown[0]} is not a data setting; settings: {', '.join(known)}")
+        check_keys("data", d, cls, DataConfigError)
         values = {k: v for k, v in d.items()}
         files = values.get("files") or ()
         if isinstance(files, (str, os.PathLike)):

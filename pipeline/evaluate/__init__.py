@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from pipeline.checks import check_keys
 from pipeline.evaluate.cost import analytic_cost, cost_metrics, measure_inference
 from pipeline.evaluate.extrapolation import ROPE_SCALINGS, extrapolation, plot_extrapolation
 from pipeline.model import DecoderLM
@@ -48,9 +49,9 @@ class EvalConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EvalConfig:
         d = dict(d)
-        _check_keys("eval", d, cls)
+        check_keys("eval", d, cls)
         decode = d.pop("decode", None) or {}
-        _check_keys("eval.decode", decode, DecodeConfig)
+        check_keys("eval.decode", decode, DecodeConfig)
         cfg = cls(**d, decode=DecodeConfig(**decode))
         for key in ("max_windows", "batch_tokens", "kv_bytes_per_element"):
             if getattr(cfg, key) < 1:
@@ -64,13 +65,6 @@ class EvalConfig:
             if method not in ROPE_SCALINGS:
                 raise ValueError(f"eval.rope_scaling entry '{method}' is not valid; valid: {', '.join(ROPE_SCALINGS)}")
         return cfg
-
-
-def _check_keys(node: str, d: dict[str, Any], cls: type) -> None:
-    valid = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - valid)
-    if unknown:
-        raise ValueError(f"{node}.{unknown[0]} is not an evaluation setting; valid: {', '.join(sorted(valid))}")
 
 
 def evaluate_run(

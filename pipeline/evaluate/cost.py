@@ -15,7 +15,8 @@ Analytic counting conventions (the numbers `python -m pipeline.cost` prints and 
   per token and layer. That is what dense kernels compute and what
   `torch.utils.flop_counter.FlopCounterMode` counts; a causal kernel that skips the masked half
   (FlashAttention) does about half of the attention term. Embedding lookups, norms, softmax,
-  activations and positional encodings count 0 (they are O(d) per token, not O(d^2)).
+  activations and the built-in positional encodings count 0 (they are O(d) per token, not
+  O(d^2)); a component that does matrix products declares them in its config's `cost`.
 - kv_bytes_per_token = 2 (K and V) * n_layers * n_kv_heads * head_dim * bytes_per_element;
   the cache of a batch at a context holds batch * context times that.
 """
@@ -32,35 +33,6 @@ import torch
 from torch import Tensor
 
 from pipeline.model import DecoderLM, ModelConfig
-from pipeline.model.components.ffn import GeluConfig, MoEConfig, SwiGLUConfig, ffn_hidden
-from pipeline.model.components.pos_enc import LearnedConfig
-
-
-def _norm_params(cfg: ModelConfig) -> int:
-    # LayerNorm: gain (+ bias when the model uses biases); RMSNorm: gain only.
-    return cfg.d_model * (2 if cfg.norm.name == "layernorm" and cfg.bias else 1)
-
-
-def _mlp_weights(cfg: ModelConfig, gated: bool) -> int:
-    """Weight-matrix entries of one MLP: gated (SwiGLU) has three d x h matrices, GELU two."""
-    return (3 if gated else 2) * cfg.d_model * ffn_hidden(cfg.ffn, cfg.d_model)
-
-
-def _ffn_counts(cfg: ModelConfig) -> tuple[int, int, int]:
-    """(params, active params, matmul MACs per token) of one FFN layer."""
-    ffn, d = cfg.ffn, cfg.d_model
-    h = ffn_hidden(cfg.ffn, cfg.d_model)
-    if isinstance(ffn, MoEConfig):
-        # Experts have no biases; the router is d -> n_experts, no bias, run for every token.
-        expert = _mlp_weights(cfg, ffn.expert == "swiglu")
-        router = d * ffn.n_experts
-        return ffn.n_experts * expert + router, ffn.top_k * expert + router, ffn.top_k * expert + router
-    gated = isinstance(ffn, SwiGLUConfig)
-    if not gated and not isinstance(ffn, GeluConfig):
-        raise ValueError(f"analytic_cost does not know ffn '{ffn.name}'; add its counts here")
-    weights = _mlp_weights(cfg, gated)
-    biases = ((2 if gated else 1) * h + d) if cfg.bias else 0
-    return weights + biases, weights + biases, weights
 
 
 def analytic_cost(
@@ -68,29 +40,23 @@ def analytic_cost(
 ) -> dict[str, float]:
     """Parameters, forward FLOPs per token and KV-cache size of `cfg`, without building it.
 
-    context_length: where attention FLOPs and the KV cache are evaluated (default: the training
-    context). bytes_per_element: 2 for bf16/fp16 serving, 4 for fp32.
+    Each component's config counts itself (`ComponentConfig.cost`); this adds them up with the
+    embeddings, the final norm and the LM head. context_length: where attention FLOPs and the
+    KV cache are evaluated (default: the training context). bytes_per_element: 2 for bf16/fp16
+    serving, 4 for fp32.
     """
     T = context_length or cfg.context_length
-    d, L, V = cfg.d_model, cfg.n_layers, cfg.vocab_size
-    H, Hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-
-    # Attention: fused qkv projection d -> (H + 2 Hkv) hd, output H hd -> d.
-    qkv_out = d * (H + 2 * Hkv) * hd + H * hd * d
-    attn_params = qkv_out + (((H + 2 * Hkv) * hd + d) if cfg.bias else 0)
-    ffn_params, ffn_active, ffn_macs = _ffn_counts(cfg)
-    layer_params = attn_params + ffn_params + 2 * _norm_params(cfg)
-    layer_active = attn_params + ffn_active + 2 * _norm_params(cfg)
-
-    embed = V * d
-    pos = cfg.pos_enc.max_len * d if isinstance(cfg.pos_enc, LearnedConfig) else 0
-    final_norm = _norm_params(cfg) if cfg.placement == "pre" else 0
+    dims, d, L, V = cfg.dims, cfg.d_model, cfg.n_layers, cfg.vocab_size
+    pos, norm, attn, ffn = (c.cost(dims, T) for c in (cfg.pos_enc, cfg.norm, cfg.attention, cfg.ffn))
+    layer_params = attn.params + ffn.params + 2 * norm.params
+    layer_active = attn.active_params + ffn.active_params + 2 * norm.active_params
+    final_norm = norm.params if cfg.placement == "pre" else 0
     head = 0 if cfg.tie_embeddings else V * d
-    outer = embed + pos + final_norm + head
+    outer = V * d + pos.params + final_norm + head  # token embedding, positions, final norm, head
 
-    attn_scores_macs = 2 * T * H * hd  # QK^T and AV: one query against T keys, per head
-    macs = L * (qkv_out + attn_scores_macs + ffn_macs) + V * d  # + LM head
-    kv_per_token = 2 * L * Hkv * hd * bytes_per_element
+    macs = L * (attn.macs + ffn.macs + 2 * norm.macs) + pos.macs + V * d  # + LM head
+    attn_scores_macs = cfg.attention.score_macs(dims, T)
+    kv_per_token = 2 * L * cfg.n_kv_heads * cfg.head_dim * bytes_per_element
     return {
         "params_total": float(outer + L * layer_params),
         "params_active": float(outer + L * layer_active),
@@ -171,14 +137,15 @@ def measure_inference(
     was_training = model.training
     model.eval()
     T = prompt_tokens or model.cfg.context_length
-    max_len = model.cfg.pos_enc.max_len if isinstance(model.cfg.pos_enc, LearnedConfig) else None
-    if max_len is not None and T + new_tokens > max_len:
-        if prompt_tokens is not None or max_len <= new_tokens:
+    pos = model.cfg.pos_enc
+    limit = pos.max_positions()
+    if limit is not None and T + new_tokens > limit:
+        if prompt_tokens is not None or limit <= new_tokens:
             raise ValueError(
-                f"eval.decode.prompt_tokens + new_tokens = {T + new_tokens} exceeds the learned "
-                f"position table (model.pos_enc.max_len={max_len}); shorten them"
+                f"eval.decode.prompt_tokens + new_tokens = {T + new_tokens} exceeds what pos_enc "
+                f"'{pos.name}' can encode (model.pos_enc.{pos.limit_key}={limit}); shorten them"
             )
-        T = max_len - new_tokens  # default prompt: as much of the training context as fits
+        T = limit - new_tokens  # default prompt: as much of the training context as fits
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     gen = torch.Generator().manual_seed(seed)

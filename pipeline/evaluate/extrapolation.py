@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.model import DecoderLM, ModelConfig
-from pipeline.model.components.pos_enc import LearnedConfig, RopeConfig
+from pipeline.model.components.pos_enc import RopeConfig
 
 ROPE_SCALINGS = ("linear", "ntk")
 
@@ -107,11 +107,12 @@ def check_factors(cfg: ModelConfig, factors: list[int]) -> list[int]:
     if not factors or any(not isinstance(f, int) or isinstance(f, bool) or f < 1 for f in factors):
         raise ValueError(f"eval.factors={factors!r} must be a non-empty list of positive integers")
     factors = sorted(set(factors))
-    if isinstance(cfg.pos_enc, LearnedConfig) and max(factors) * cfg.context_length > cfg.pos_enc.max_len:
+    limit, key = cfg.pos_enc.max_positions(), f"model.pos_enc.{cfg.pos_enc.limit_key}"
+    if limit is not None and max(factors) * cfg.context_length > limit:
         raise ValueError(
             f"eval.factors reach {max(factors)} x context_length = {max(factors) * cfg.context_length} "
-            f"positions, past the learned table (model.pos_enc.max_len={cfg.pos_enc.max_len}); "
-            f"raise model.pos_enc.max_len or lower eval.factors"
+            f"positions, past what pos_enc '{cfg.pos_enc.name}' can encode ({key}={limit}); "
+            f"raise {key} or lower eval.factors"
         )
     return factors
 

@@ -19,6 +19,7 @@ transformers is imported lazily (it is a test/interop extra, not a dependency of
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,7 +45,7 @@ def from_hf(model: nn.Module) -> DecoderLM:
     hf_cfg = model.config
     cfg = _gpt2_config(hf_cfg) if kind == "GPT2LMHeadModel" else _llama_config(hf_cfg, moe=kind == "MixtralForCausalLM")
     sd = model.state_dict()
-    weights = _from_gpt2(sd, cfg) if kind == "GPT2LMHeadModel" else _from_llama(sd, cfg)
+    weights = _from_theirs(sd, _weight_keys(cfg))
     dtype = next(model.parameters()).dtype
     ours = DecoderLM(cfg).to(device=next(model.parameters()).device, dtype=dtype)
     ours.load_state_dict(weights, strict=True)
@@ -60,12 +61,11 @@ def to_hf(model: DecoderLM) -> nn.Module:
     sd = model.state_dict()
     if kind == "GPT2LMHeadModel":
         hf = transformers.GPT2LMHeadModel(_gpt2_hf_config(cfg))
-        weights = _to_gpt2(sd, cfg)
     else:
         hf_cfg = _llama_hf_config(cfg, moe=kind == "MixtralForCausalLM")
         cls = transformers.MixtralForCausalLM if kind == "MixtralForCausalLM" else transformers.LlamaForCausalLM
         hf = cls(hf_cfg)
-        weights = _to_llama(sd, cfg)
+    weights = _to_theirs(sd, _weight_keys(cfg))
     p = next(model.parameters())
     hf = hf.to(device=p.device, dtype=p.dtype)
     hf.load_state_dict(weights, strict=True)
@@ -260,104 +260,76 @@ def _llama_hf_config(cfg: ModelConfig, moe: bool) -> Any:
 
 
 # -- weights -----------------------------------------------------------------------------------
-def _head(sd: dict[str, Tensor], key: str, embedding: Tensor) -> Tensor:
-    return sd.get(key, embedding)  # a tied head may be left out of a state dict
+# One map per architecture, ours -> theirs; both directions are derived from it.
+@dataclass(frozen=True)
+class _Key:
+    ours: str
+    theirs: tuple[str, ...]  # several: fused on our side, concatenated along dim 0 in this order
+    sizes: tuple[int, ...] = ()  # rows of each of several parts
+    transpose: bool = False  # GPT-2's Conv1D stores (in, out), the transpose of nn.Linear
 
 
-def _from_gpt2(sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
-    t = "transformer."
-    out = {
-        "tok_emb.weight": sd[t + "wte.weight"],
-        "pos.table.weight": sd[t + "wpe.weight"],
-        "final_norm.weight": sd[t + "ln_f.weight"],
-        "final_norm.bias": sd[t + "ln_f.bias"],
-    }
-    out["head.weight"] = _head(sd, "lm_head.weight", out["tok_emb.weight"])
-    # Conv1D weights are (in, out): transpose to nn.Linear's (out, in).
-    pairs = {
-        "norm1": "ln_1",
-        "norm2": "ln_2",
-        "attn.qkv": "attn.c_attn",
-        "attn.out": "attn.c_proj",
-        "ffn.up": "mlp.c_fc",
-        "ffn.down": "mlp.c_proj",
-    }
+def _weight_keys(cfg: ModelConfig) -> list[_Key]:
+    """Every weight of `cfg`'s DecoderLM and where transformers keeps it (GPT-2 or LLaMA/Mixtral)."""
+    if hf_class_name(cfg) == "GPT2LMHeadModel":
+        t = "transformer."
+        keys = [
+            _Key("tok_emb.weight", (t + "wte.weight",)),
+            _Key("pos.table.weight", (t + "wpe.weight",)),
+            _Key("final_norm.weight", (t + "ln_f.weight",)),
+            _Key("final_norm.bias", (t + "ln_f.bias",)),
+            _Key("head.weight", ("lm_head.weight",)),
+        ]
+        layer = {"norm1": "ln_1", "norm2": "ln_2", "attn.qkv": "attn.c_attn", "attn.out": "attn.c_proj"}
+        layer |= {"ffn.up": "mlp.c_fc", "ffn.down": "mlp.c_proj"}
+        for i in range(cfg.n_layers):
+            for ours, theirs in layer.items():
+                o, h = f"blocks.{i}.{ours}", f"{t}h.{i}.{theirs}"
+                keys.append(_Key(o + ".weight", (h + ".weight",), transpose=not ours.startswith("norm")))
+                keys.append(_Key(o + ".bias", (h + ".bias",)))
+        return keys
+
+    keys = [
+        _Key("tok_emb.weight", ("model.embed_tokens.weight",)),
+        _Key("final_norm.weight", ("model.norm.weight",)),
+        _Key("head.weight", ("lm_head.weight",)),
+    ]
+    q, kv, hidden = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, ffn_hidden(cfg.ffn, cfg.d_model)
     for i in range(cfg.n_layers):
-        for ours, theirs in pairs.items():
-            w = sd[f"{t}h.{i}.{theirs}.weight"]
-            out[f"blocks.{i}.{ours}.weight"] = w if ours.startswith("norm") else w.T
-            out[f"blocks.{i}.{ours}.bias"] = sd[f"{t}h.{i}.{theirs}.bias"]
-    return out
-
-
-def _to_gpt2(sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
-    t = "transformer."
-    out = {
-        t + "wte.weight": sd["tok_emb.weight"],
-        t + "wpe.weight": sd["pos.table.weight"],
-        t + "ln_f.weight": sd["final_norm.weight"],
-        t + "ln_f.bias": sd["final_norm.bias"],
-        "lm_head.weight": sd["head.weight"],
-    }
-    pairs = {
-        "ln_1": "norm1",
-        "ln_2": "norm2",
-        "attn.c_attn": "attn.qkv",
-        "attn.c_proj": "attn.out",
-        "mlp.c_fc": "ffn.up",
-        "mlp.c_proj": "ffn.down",
-    }
-    for i in range(cfg.n_layers):
-        for theirs, ours in pairs.items():
-            w = sd[f"blocks.{i}.{ours}.weight"]
-            out[f"{t}h.{i}.{theirs}.weight"] = w if theirs.startswith("ln") else w.T.contiguous()
-            out[f"{t}h.{i}.{theirs}.bias"] = sd[f"blocks.{i}.{ours}.bias"]
-    return out
-
-
-def _from_llama(sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
-    out = {"tok_emb.weight": sd["model.embed_tokens.weight"], "final_norm.weight": sd["model.norm.weight"]}
-    out["head.weight"] = _head(sd, "lm_head.weight", out["tok_emb.weight"])
-    for i in range(cfg.n_layers):
-        h, o = f"model.layers.{i}.", f"blocks.{i}."
-        out[o + "norm1.weight"] = sd[h + "input_layernorm.weight"]
-        out[o + "norm2.weight"] = sd[h + "post_attention_layernorm.weight"]
+        o, h = f"blocks.{i}.", f"model.layers.{i}."
+        keys.append(_Key(o + "norm1.weight", (h + "input_layernorm.weight",)))
+        keys.append(_Key(o + "norm2.weight", (h + "post_attention_layernorm.weight",)))
         for kind in ("weight", "bias") if cfg.bias else ("weight",):
-            out[o + f"attn.qkv.{kind}"] = torch.cat([sd[h + f"self_attn.{p}_proj.{kind}"] for p in "qkv"])
-            out[o + f"attn.out.{kind}"] = sd[h + f"self_attn.o_proj.{kind}"]
+            qkv = tuple(h + f"self_attn.{p}_proj.{kind}" for p in "qkv")
+            keys.append(_Key(o + f"attn.qkv.{kind}", qkv, (q, kv, kv)))
+            keys.append(_Key(o + f"attn.out.{kind}", (h + f"self_attn.o_proj.{kind}",)))
             if cfg.ffn.name == "swiglu":
-                out[o + f"ffn.gate_up.{kind}"] = torch.cat(
-                    [sd[h + "mlp.gate_proj." + kind], sd[h + "mlp.up_proj." + kind]]
-                )
-                out[o + f"ffn.down.{kind}"] = sd[h + f"mlp.down_proj.{kind}"]
-        if cfg.ffn.name == "moe":
-            out[o + "ffn.router.weight"] = sd[h + "mlp.gate.weight"]
-            out[o + "ffn.w_in"] = sd[h + "mlp.experts.gate_up_proj"]  # (E, [gate; up], d)
-            out[o + "ffn.w_out"] = sd[h + "mlp.experts.down_proj"]  # (E, d, hidden)
+                gate_up = (h + f"mlp.gate_proj.{kind}", h + f"mlp.up_proj.{kind}")
+                keys.append(_Key(o + f"ffn.gate_up.{kind}", gate_up, (hidden, hidden)))
+                keys.append(_Key(o + f"ffn.down.{kind}", (h + f"mlp.down_proj.{kind}",)))
+        if cfg.ffn.name == "moe":  # Mixtral's stacked experts are exactly our w_in / w_out
+            keys.append(_Key(o + "ffn.router.weight", (h + "mlp.gate.weight",)))
+            keys.append(_Key(o + "ffn.w_in", (h + "mlp.experts.gate_up_proj",)))  # (E, [gate; up], d)
+            keys.append(_Key(o + "ffn.w_out", (h + "mlp.experts.down_proj",)))  # (E, d, hidden)
+    return keys
+
+
+def _from_theirs(sd: dict[str, Tensor], keys: list[_Key]) -> dict[str, Tensor]:
+    out = {}
+    for k in keys:
+        if k.ours == "head.weight" and k.theirs[0] not in sd:
+            out[k.ours] = out["tok_emb.weight"]  # a tied head may be left out of a state dict
+            continue
+        parts = [sd[t].T if k.transpose else sd[t] for t in k.theirs]
+        out[k.ours] = parts[0] if len(parts) == 1 else torch.cat(parts)
     return out
 
 
-def _to_llama(sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
-    out = {
-        "model.embed_tokens.weight": sd["tok_emb.weight"],
-        "model.norm.weight": sd["final_norm.weight"],
-        "lm_head.weight": sd["head.weight"],
-    }
-    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    for i in range(cfg.n_layers):
-        h, o = f"model.layers.{i}.", f"blocks.{i}."
-        out[h + "input_layernorm.weight"] = sd[o + "norm1.weight"]
-        out[h + "post_attention_layernorm.weight"] = sd[o + "norm2.weight"]
-        for kind in ("weight", "bias") if cfg.bias else ("weight",):
-            for p, part in zip("qkv", sd[o + f"attn.qkv.{kind}"].split((q, kv, kv))):
-                out[h + f"self_attn.{p}_proj.{kind}"] = part.contiguous()
-            out[h + f"self_attn.o_proj.{kind}"] = sd[o + f"attn.out.{kind}"]
-            if cfg.ffn.name == "swiglu":
-                gate, up = sd[o + f"ffn.gate_up.{kind}"].chunk(2)
-                out[h + f"mlp.gate_proj.{kind}"], out[h + f"mlp.up_proj.{kind}"] = gate.contiguous(), up.contiguous()
-                out[h + f"mlp.down_proj.{kind}"] = sd[o + f"ffn.down.{kind}"]
-        if cfg.ffn.name == "moe":
-            out[h + "mlp.gate.weight"] = sd[o + "ffn.router.weight"]
-            out[h + "mlp.experts.gate_up_proj"] = sd[o + "ffn.w_in"]
-            out[h + "mlp.experts.down_proj"] = sd[o + "ffn.w_out"]
+def _to_theirs(sd: dict[str, Tensor], keys: list[_Key]) -> dict[str, Tensor]:
+    out = {}
+    for k in keys:
+        w = sd[k.ours]
+        parts = w.split(k.sizes) if len(k.theirs) > 1 else (w,)
+        for theirs, part in zip(k.theirs, parts, strict=True):
+            out[theirs] = (part.T if k.transpose else part).contiguous()
     return out

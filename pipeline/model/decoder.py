@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from pipeline.model.components import build_attention, build_ffn, build_norm, build_pos_enc
+from pipeline.model.components import build
 from pipeline.model.components.attention import KVCache, causal_bias
 from pipeline.model.components.ffn import MoE
 from pipeline.model.config import ModelConfig
@@ -18,10 +18,11 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.norm1 = build_norm(cfg.norm, cfg.d_model, cfg.bias)
-        self.attn = build_attention(cfg.attention, cfg.d_model, cfg.n_heads, cfg.bias, layer, cfg.dropout)
-        self.norm2 = build_norm(cfg.norm, cfg.d_model, cfg.bias)
-        self.ffn = build_ffn(cfg.ffn, cfg.d_model, cfg.bias)
+        dims = cfg.dims
+        self.norm1 = build(cfg.norm, dims, layer)
+        self.attn = build(cfg.attention, dims, layer)
+        self.norm2 = build(cfg.norm, dims, layer)
+        self.ffn = build(cfg.ffn, dims, layer)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(
@@ -60,11 +61,11 @@ class DecoderLM(nn.Module):
         self.cfg = cfg
         block = PostNormBlock if cfg.placement == "post" else Block
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos = build_pos_enc(cfg.pos_enc, cfg.d_model, cfg.n_heads, cfg.head_dim)
+        self.pos = build(cfg.pos_enc, cfg.dims)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(block(cfg, i) for i in range(cfg.n_layers))
         # Pre-norm stacks end with a norm (GPT-2); post-norm output is already normalized.
-        self.final_norm = build_norm(cfg.norm, cfg.d_model, cfg.bias) if cfg.placement == "pre" else nn.Identity()
+        self.final_norm = build(cfg.norm, cfg.dims, cfg.n_layers) if cfg.placement == "pre" else nn.Identity()
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight
@@ -145,10 +146,6 @@ class DecoderLM(nn.Module):
                 logits = self(nxt, cache=cache)[:, -1]
         self.train(was_training)
         return torch.cat(out, dim=1)
-
-    def num_params(self, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.tok_emb.weight.numel() if exclude_embeddings else n
 
 
 def sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None = None) -> Tensor:

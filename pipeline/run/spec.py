@@ -6,12 +6,12 @@ here reads data or creates a run.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.checks import check_keys
 from pipeline.data.config import DataConfig, DataConfigError
 from pipeline.evaluate import EvalConfig
 from pipeline.evaluate.extrapolation import check_factors
@@ -75,12 +75,7 @@ def validate_config(cfg: DictConfig) -> RunSpec:
         isinstance(every, int) and 0 < every <= steps,
         f"use an integer number of steps between 1 and trainer.max_steps={steps}",
     )
-    known = {f.name for f in dataclasses.fields(OptimConfig)}
-    unknown = sorted(set(c["optimizer"]) - known)
-    if unknown:
-        raise RunConfigError(
-            f"optimizer.{unknown[0]} is not an optimizer setting; settings: {', '.join(sorted(known))}"
-        )
+    check_keys("optimizer", c["optimizer"], OptimConfig, RunConfigError)
     o = OptimConfig(**c["optimizer"])
     _require("optimizer.lr", o.lr, o.lr > 0, "use a positive learning rate")
     _require(
@@ -96,17 +91,14 @@ def validate_config(cfg: DictConfig) -> RunSpec:
 def model_from_config(c: dict[str, Any]) -> tuple[ModelConfig, str | None]:
     """The ModelConfig a run builds from the resolved root config, and its preset name (a tag).
 
-    A learned position table gets max(eval.factors) x context_length rows, so extrapolation
-    can score every factor (rows past the training length are never trained).
+    The model's reach is max(eval.factors), so that extrapolation can score every factor (a
+    learned position table gets that many x context_length rows; see ModelConfig.reach).
     """
     model = dict(c["model"])
     preset = model.pop("preset", None)
     factors = list((c.get("eval") or {}).get("factors") or [1])
-    pos = model.get("pos_enc") or {}
-    if pos.get("name") == "learned" and pos.get("max_len") is None:
-        valid = all(isinstance(f, int) and f >= 1 for f in factors)
-        model["pos_enc"] = {**pos, "max_len": (max(factors) if valid else 1) * model.get("context_length", 1)}
-    return ModelConfig.from_dict(model), preset
+    valid = all(isinstance(f, int) and not isinstance(f, bool) and f >= 1 for f in factors)
+    return ModelConfig.from_dict(model, reach=max(factors) if valid else 1), preset
 
 
 def resolve_budget(argv: list[str]) -> list[str]:

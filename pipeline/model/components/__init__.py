@@ -1,12 +1,26 @@
-"""Component families. Each module holds small nn.Modules, a registry and a build function."""
+"""Component families: one module each, holding its configs, its nn.Modules and its registry.
 
-from pipeline.model.components.attention import ATTENTION, build_attention
-from pipeline.model.components.ffn import FFN, build_ffn
-from pipeline.model.components.norm import NORM, build_norm
-from pipeline.model.components.pos_enc import POS_ENC, build_pos_enc
+Every component is built the same way, from its config and the model's dimensions:
+`build(cfg, dims, layer)` looks the class up by `cfg.family` and `cfg.name` (docs/components.md).
+"""
+
+from torch import nn
+
+from pipeline.model.components.attention import ATTENTION
+from pipeline.model.components.base import ComponentConfig, ConfigError, Cost, Dims
+from pipeline.model.components.ffn import FFN
+from pipeline.model.components.norm import NORM
+from pipeline.model.components.pos_enc import POS_ENC
+from pipeline.model.components.registry import Registry
 from pipeline.model.families import FAMILIES
 
-REGISTRIES = dict(zip(FAMILIES, (POS_ENC, NORM, ATTENTION, FFN)))
+REGISTRIES: dict[str, Registry] = dict(zip(FAMILIES, (POS_ENC, NORM, ATTENTION, FFN)))
+
+
+def build(cfg: ComponentConfig, dims: Dims, layer: int = 0) -> nn.Module:
+    """The module of a component config; `layer` is its block's index (0 for model-wide ones)."""
+    return REGISTRIES[cfg.family].get(cfg.name)(cfg, dims, layer)
+
 
 __all__ = [
     "ATTENTION",
@@ -14,8 +28,9 @@ __all__ = [
     "NORM",
     "POS_ENC",
     "REGISTRIES",
-    "build_attention",
-    "build_ffn",
-    "build_norm",
-    "build_pos_enc",
+    "ComponentConfig",
+    "ConfigError",
+    "Cost",
+    "Dims",
+    "build",
 ]

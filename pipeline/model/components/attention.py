@@ -12,25 +12,65 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.model.components.base import ComponentConfig, ConfigError, Cost, Dims, positive
 from pipeline.model.components.pos_enc import apply_rotary
 from pipeline.model.components.registry import Registry
 
 
 @dataclass
-class AttentionConfig:
+class AttentionConfig(ComponentConfig):
+    """MHA's config and the family's base: every query head has its own key/value head."""
+
+    family: ClassVar[str] = "attention"
     name: str = "mha"
-    backend: str = "sdpa"  # sdpa | math
+    backend: Literal["sdpa", "math"] = "sdpa"
+
+    def kv_heads(self, n_heads: int) -> int:
+        """Number of key/value heads kept (and cached)."""
+        return n_heads
+
+    def score_macs(self, dims: Dims, context_length: int) -> int:
+        """QK^T and AV per token: one query against T keys, per head, over the full T x T matrix."""
+        return 2 * context_length * dims.n_heads * dims.head_dim
+
+    def cost(self, dims: Dims, context_length: int) -> Cost:
+        # Fused qkv projection d -> (H + 2 Hkv) hd, output H hd -> d.
+        d, H, hd, Hkv = dims.d_model, dims.n_heads, dims.head_dim, self.kv_heads(dims.n_heads)
+        weights = d * (H + 2 * Hkv) * hd + H * hd * d
+        biases = ((H + 2 * Hkv) * hd + d) if dims.bias else 0
+        return Cost(params=weights + biases, macs=weights + self.score_macs(dims, context_length))
 
 
 @dataclass
 class GQAConfig(AttentionConfig):
     name: str = "gqa"
     n_kv_heads: int = 2
+
+    def kv_heads(self, n_heads: int) -> int:
+        return self.n_kv_heads
+
+    def check(self, dims: Dims) -> None:
+        positive(self.key("n_kv_heads"), self.n_kv_heads)
+        if dims.n_heads % self.n_kv_heads:
+            divisors = [h for h in range(1, dims.n_heads + 1) if dims.n_heads % h == 0]
+            raise ConfigError(
+                f"{self.key('n_kv_heads')}={self.n_kv_heads} does not divide model.n_heads={dims.n_heads}; "
+                f"choose n_kv_heads from {divisors}"
+            )
+
+
+@dataclass
+class MQAConfig(AttentionConfig):
+    name: str = "mqa"
+
+    def kv_heads(self, n_heads: int) -> int:
+        return 1
 
 
 class KVCache:
@@ -78,18 +118,17 @@ ATTENTION: Registry[nn.Module] = Registry("attention")
 class CausalSelfAttention(nn.Module):
     Config = AttentionConfig
 
-    def __init__(
-        self, d_model: int, n_heads: int, n_kv_heads: int, bias: bool, backend: str, layer: int, dropout: float = 0.0
-    ) -> None:
+    def __init__(self, cfg: AttentionConfig, dims: Dims, layer: int) -> None:
         super().__init__()
-        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
-        self.head_dim = d_model // n_heads
-        self.layer = layer
-        self.dropout = dropout
+        d_model, bias = dims.d_model, dims.bias
+        self.n_heads, self.n_kv_heads = dims.n_heads, cfg.kv_heads(dims.n_heads)
+        self.head_dim = dims.head_dim
+        self.layer = layer  # its slot in the KV cache
+        self.dropout = dims.dropout
         # One fused projection for q, k, v: one matmul instead of three.
-        self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias)
-        self.out = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
-        self.attend = self._sdpa if backend == "sdpa" else self._math  # resolved once
+        self.qkv = nn.Linear(d_model, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=bias)
+        self.out = nn.Linear(self.n_heads * self.head_dim, d_model, bias=bias)
+        self.attend = self._sdpa if cfg.backend == "sdpa" else self._math  # resolved once
 
     def forward(
         self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None, cache: KVCache | None
@@ -141,10 +180,6 @@ class MHA(CausalSelfAttention):
 
     Config = AttentionConfig
 
-    @staticmethod
-    def kv_heads(cfg: AttentionConfig, n_heads: int) -> int:
-        return n_heads
-
 
 @ATTENTION.register("gqa")
 class GQA(CausalSelfAttention):
@@ -152,29 +187,9 @@ class GQA(CausalSelfAttention):
 
     Config = GQAConfig
 
-    @staticmethod
-    def kv_heads(cfg: GQAConfig, n_heads: int) -> int:
-        return cfg.n_kv_heads
-
 
 @ATTENTION.register("mqa")
 class MQA(CausalSelfAttention):
     """One key/value head shared by all query heads."""
 
-    Config = AttentionConfig
-
-    @staticmethod
-    def kv_heads(cfg: AttentionConfig, n_heads: int) -> int:
-        return 1
-
-
-def kv_heads(cfg: AttentionConfig, n_heads: int) -> int:
-    """Number of key/value heads the configured attention keeps (and caches)."""
-    return ATTENTION.get(cfg.name).kv_heads(cfg, n_heads)
-
-
-def build_attention(
-    cfg: AttentionConfig, d_model: int, n_heads: int, bias: bool, layer: int, dropout: float = 0.0
-) -> nn.Module:
-    cls = ATTENTION.get(cfg.name)
-    return cls(d_model, n_heads, kv_heads(cfg, n_heads), bias, cfg.backend, layer, dropout)
+    Config = MQAConfig

@@ -10,24 +10,41 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.model.components.base import ComponentConfig, ConfigError, Cost, Dims, positive
 from pipeline.model.components.registry import Registry
 
 
 @dataclass
-class FFNConfig:
+class FFNConfig(ComponentConfig):
+    family: ClassVar[str] = "ffn"
     name: str = "gelu"
     hidden: int | None = None  # None: the family's default width (see each class)
+
+    def check(self, dims: Dims) -> None:
+        if self.hidden is not None:
+            positive(self.key("hidden"), self.hidden)
+
+
+def _mlp_cost(d_model: int, hidden: int, gated: bool, bias: bool) -> Cost:
+    """One MLP: gated (SwiGLU) has three d x h matrices and 2h + d biases, GELU two and h + d."""
+    weights = (3 if gated else 2) * d_model * hidden
+    biases = ((2 if gated else 1) * hidden + d_model) if bias else 0
+    return Cost(params=weights + biases, macs=weights)
 
 
 @dataclass
 class GeluConfig(FFNConfig):
     name: str = "gelu"
-    approximate: str = "tanh"  # tanh (GPT-2's gelu_new) | none (exact erf GELU)
+    approximate: Literal["tanh", "none"] = "tanh"  # tanh (GPT-2's gelu_new) | none (exact erf GELU)
+
+    def cost(self, dims: Dims, context_length: int) -> Cost:
+        return _mlp_cost(dims.d_model, ffn_hidden(self, dims.d_model), gated=False, bias=dims.bias)
 
 
 @dataclass
@@ -36,6 +53,13 @@ class SwiGLUConfig(FFNConfig):
     # LLaMA's hidden width: 2/3 * 4d rounded up to a multiple of `multiple_of` (256 at LLaMA's
     # scale; 64 keeps small models at about the parameter count of a 4d GELU MLP).
     multiple_of: int = 64
+
+    def check(self, dims: Dims) -> None:
+        super().check(dims)
+        positive(self.key("multiple_of"), self.multiple_of)
+
+    def cost(self, dims: Dims, context_length: int) -> Cost:
+        return _mlp_cost(dims.d_model, ffn_hidden(self, dims.d_model), gated=True, bias=dims.bias)
 
 
 @dataclass
@@ -46,9 +70,32 @@ class MoEConfig(FFNConfig):
     aux_loss_coef: float = 0.01  # Switch load-balancing loss weight (Fedus et al. 2021)
     z_loss_coef: float = 0.001  # router z-loss weight (Zoph et al. 2022, ST-MoE)
     capacity_factor: float | None = None  # None: no token is ever dropped
-    expert: str = "swiglu"  # swiglu | gelu: the MLP each expert is
+    expert: Literal["swiglu", "gelu"] = "swiglu"  # the MLP each expert is
     multiple_of: int = 64
-    approximate: str = "tanh"
+    approximate: Literal["tanh", "none"] = "tanh"
+
+    def check(self, dims: Dims) -> None:
+        super().check(dims)
+        positive(self.key("n_experts"), self.n_experts)
+        positive(self.key("top_k"), self.top_k)
+        positive(self.key("multiple_of"), self.multiple_of)
+        if self.top_k > self.n_experts:
+            raise ConfigError(
+                f"{self.key('top_k')}={self.top_k} > {self.key('n_experts')}={self.n_experts}; "
+                "top_k must be between 1 and n_experts"
+            )
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ConfigError(f"{self.key('capacity_factor')}={self.capacity_factor} must be > 0, or null for no limit")
+        for coef in ("aux_loss_coef", "z_loss_coef"):
+            if not getattr(self, coef) >= 0:
+                raise ConfigError(f"{self.key(coef)}={getattr(self, coef)!r} must be >= 0 (0 switches the loss off)")
+
+    def cost(self, dims: Dims, context_length: int) -> Cost:
+        # Experts have no biases; the router (d -> n_experts, no bias) runs for every token.
+        expert = _mlp_cost(dims.d_model, ffn_hidden(self, dims.d_model), self.expert == "swiglu", bias=False)
+        router = dims.d_model * self.n_experts
+        active = self.top_k * expert.params + router
+        return Cost(params=self.n_experts * expert.params + router, macs=active, active=active)
 
 
 def swiglu_hidden(d_model: int, multiple_of: int) -> int:
@@ -74,8 +121,9 @@ class GeluMLP(nn.Module):
 
     Config = GeluConfig
 
-    def __init__(self, cfg: GeluConfig, d_model: int, bias: bool) -> None:
+    def __init__(self, cfg: GeluConfig, dims: Dims, layer: int) -> None:
         super().__init__()
+        d_model, bias = dims.d_model, dims.bias
         hidden = ffn_hidden(cfg, d_model)
         self.up = nn.Linear(d_model, hidden, bias=bias)
         self.down = nn.Linear(hidden, d_model, bias=bias)
@@ -91,8 +139,9 @@ class SwiGLU(nn.Module):
 
     Config = SwiGLUConfig
 
-    def __init__(self, cfg: SwiGLUConfig, d_model: int, bias: bool) -> None:
+    def __init__(self, cfg: SwiGLUConfig, dims: Dims, layer: int) -> None:
         super().__init__()
+        d_model, bias = dims.d_model, dims.bias
         hidden = ffn_hidden(cfg, d_model)
         self.gate_up = nn.Linear(d_model, 2 * hidden, bias=bias)  # [gate; up] fused
         self.down = nn.Linear(hidden, d_model, bias=bias)
@@ -123,8 +172,9 @@ class MoE(nn.Module):
 
     Config = MoEConfig
 
-    def __init__(self, cfg: MoEConfig, d_model: int, bias: bool) -> None:
+    def __init__(self, cfg: MoEConfig, dims: Dims, layer: int) -> None:
         super().__init__()
+        d_model = dims.d_model
         self.cfg = cfg
         self.gated = cfg.expert == "swiglu"
         hidden = ffn_hidden(cfg, d_model)
@@ -196,7 +246,3 @@ class MoE(nn.Module):
             dropped=dropped,
         )
         return out.view(shape)
-
-
-def build_ffn(cfg: FFNConfig, d_model: int, bias: bool) -> nn.Module:
-    return FFN.get(cfg.name)(cfg, d_model, bias)

@@ -12,16 +12,27 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
+from pipeline.model.components.base import ComponentConfig, ConfigError, Cost, Dims, positive
 from pipeline.model.components.registry import Registry
 
 
 @dataclass
-class PosEncConfig:
+class PosEncConfig(ComponentConfig):
+    family: ClassVar[str] = "pos_enc"
     name: str = "nope"
+    limit_key: ClassVar[str | None] = None  # the setting that bounds max_positions(), if any
+
+    def max_positions(self) -> int | None:
+        """The longest sequence this encoding can take; None = no limit."""
+        return None
+
+    def fit(self, longest: int) -> None:
+        """Size anything the user left unset for sequences of up to `longest` tokens (override)."""
 
 
 class PositionalEncoding(nn.Module):
@@ -44,16 +55,37 @@ POS_ENC: Registry[PositionalEncoding] = Registry("pos_enc")
 class NoPE(PositionalEncoding):
     """No positional information; causal masking alone leaks order (Kazemnejad et al. 2023)."""
 
-    def __init__(self, cfg: PosEncConfig, d_model: int, n_heads: int, head_dim: int) -> None:
+    def __init__(self, cfg: PosEncConfig, dims: Dims, layer: int) -> None:
         super().__init__()
 
 
 @dataclass
 class LearnedConfig(PosEncConfig):
     name: str = "learned"
-    # Table rows; None = 8 x context_length, so evaluation past the training length scores
-    # rows that training never touched (that is what "does not extrapolate" means, measured).
+    # Table rows; None = the model's reach (max(eval.factors)) x context_length, so evaluation
+    # past the training length scores rows that training never touched (that is what "does
+    # not extrapolate" means, measured). See ModelConfig.reach.
     max_len: int | None = None
+    limit_key: ClassVar[str | None] = "max_len"
+
+    def max_positions(self) -> int | None:
+        return self.max_len
+
+    def fit(self, longest: int) -> None:
+        if self.max_len is None:
+            self.max_len = longest
+
+    def check(self, dims: Dims) -> None:
+        positive(self.key("max_len"), self.max_len)
+        if self.max_len < dims.context_length:
+            raise ConfigError(
+                f"{self.key('max_len')}={self.max_len} < model.context_length={dims.context_length}; "
+                "the learned table needs at least one row per position"
+            )
+
+    def cost(self, dims: Dims, context_length: int) -> Cost:
+        # The whole table, rows never trained included: the model holds them.
+        return Cost(params=self.max_len * dims.d_model)
 
 
 @POS_ENC.register("learned")
@@ -62,10 +94,10 @@ class Learned(PositionalEncoding):
 
     Config = LearnedConfig
 
-    def __init__(self, cfg: LearnedConfig, d_model: int, n_heads: int, head_dim: int) -> None:
+    def __init__(self, cfg: LearnedConfig, dims: Dims, layer: int) -> None:
         super().__init__()
-        assert cfg.max_len is not None, "ModelConfig resolves max_len"
-        self.table = nn.Embedding(cfg.max_len, d_model)
+        assert cfg.max_len is not None, "ModelConfig fits max_len"
+        self.table = nn.Embedding(cfg.max_len, dims.d_model)
 
     def embed(self, x: Tensor, offset: int) -> Tensor:
         T = x.shape[1]
@@ -94,8 +126,9 @@ class Sinusoidal(PositionalEncoding):
 
     Config = SinusoidalConfig
 
-    def __init__(self, cfg: SinusoidalConfig, d_model: int, n_heads: int, head_dim: int) -> None:
+    def __init__(self, cfg: SinusoidalConfig, dims: Dims, layer: int) -> None:
         super().__init__()
+        d_model = dims.d_model
         inv_freq = cfg.base ** (-torch.arange(0, d_model, 2, dtype=torch.float32) / d_model)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.scale = math.sqrt(d_model)
@@ -113,8 +146,22 @@ class RopeConfig(PosEncConfig):
     theta: float = 10000.0
     # Evaluation-time context scaling: position interpolation (Chen et al. 2023) divides
     # positions by `scale`; NTK-aware scaling raises theta by scale^(d/(d-2)) instead.
-    scaling: str = "none"  # none | linear | ntk
+    scaling: Literal["none", "linear", "ntk"] = "none"
     scale: float = 1.0
+
+    def check(self, dims: Dims) -> None:
+        if dims.head_dim % 2:
+            raise ConfigError(
+                f"rope needs an even head_dim, but model.d_model={dims.d_model} / model.n_heads="
+                f"{dims.n_heads} = {dims.head_dim}; change d_model or n_heads"
+            )
+        if not self.scale > 0:
+            raise ConfigError(f"{self.key('scale')}={self.scale!r} must be > 0 (1.0: no scaling)")
+        if self.scaling == "ntk" and dims.head_dim <= 2:
+            raise ConfigError(
+                f"{self.key('scaling')}='ntk' needs head_dim > 2 (it raises theta by scale^(d/(d-2))), "
+                f"but head_dim is {dims.head_dim}; use scaling=linear or fewer heads"
+            )
 
 
 @POS_ENC.register("rope")
@@ -123,8 +170,9 @@ class Rotary(PositionalEncoding):
 
     Config = RopeConfig
 
-    def __init__(self, cfg: RopeConfig, d_model: int, n_heads: int, head_dim: int) -> None:
+    def __init__(self, cfg: RopeConfig, dims: Dims, layer: int) -> None:
         super().__init__()
+        head_dim = dims.head_dim
         theta = cfg.theta
         if cfg.scaling == "ntk":
             theta = theta * cfg.scale ** (head_dim / (head_dim - 2))
@@ -175,16 +223,12 @@ class ALiBi(PositionalEncoding):
 
     Config = AlibiConfig
 
-    def __init__(self, cfg: AlibiConfig, d_model: int, n_heads: int, head_dim: int) -> None:
+    def __init__(self, cfg: AlibiConfig, dims: Dims, layer: int) -> None:
         super().__init__()
-        self.register_buffer("slopes", alibi_slopes(n_heads), persistent=False)
+        self.register_buffer("slopes", alibi_slopes(dims.n_heads), persistent=False)
 
     def bias(self, T: int, S: int, offset: int, device: torch.device) -> Tensor:
         q_pos = torch.arange(offset, offset + T, device=device)
         k_pos = torch.arange(S, device=device)
         distance = (q_pos[:, None] - k_pos[None, :]).clamp(min=0).float()  # (T, S)
         return -self.slopes[:, None, None] * distance  # (H, T, S)
-
-
-def build_pos_enc(cfg: PosEncConfig, d_model: int, n_heads: int, head_dim: int) -> PositionalEncoding:
-    return POS_ENC.get(cfg.name)(cfg, d_model, n_heads, head_dim)

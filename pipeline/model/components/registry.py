@@ -9,7 +9,11 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """A named set of classes. `get` fails with the list of valid names."""
+    """A named set of component classes. `get` fails with the list of valid names.
+
+    A registered class carries its config dataclass as `Config`, whose default `name` is the
+    registry name and whose `family` is this registry's: the config alone then finds its class.
+    """
 
     def __init__(self, family: str) -> None:
         self.family = family
@@ -19,11 +23,18 @@ class Registry(Generic[T]):
         def add(cls: type[T]) -> type[T]:
             if name in self._items:
                 raise KeyError(f"{self.family} '{name}' is registered twice")
+            config = getattr(cls, "Config", None)
+            if config is None or config.family != self.family or config().name != name:
+                raise TypeError(f"{cls.__name__}.Config must be a {self.family} config whose default name is '{name}'")
             self._items[name] = cls
-            cls.registry_name = name
             return cls
 
         return add
+
+    def unregister(self, name: str) -> None:
+        """Remove an entry (for tests that register a component of their own)."""
+        self.get(name)
+        del self._items[name]
 
     def get(self, name: str) -> type[T]:
         try:

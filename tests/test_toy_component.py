@@ -27,6 +27,7 @@ from pipeline import CONF_DIR
 from pipeline.evaluate.cost import analytic_cost
 from pipeline.model import ConfigError, DecoderLM, ModelConfig
 from pipeline.model.components import POS_ENC, Cost, Dims
+from pipeline.model.components.norm import NormConfig
 from pipeline.model.components.pos_enc import PosEncConfig, PositionalEncoding
 from pipeline.run.spec import validate_config
 
@@ -174,3 +175,20 @@ def test_toy_sweeps_from_its_yaml_file(toy, toy_conf):
     # Swapping the positional encoding changes nothing else.
     rope = specs["rope"].model
     assert dataclasses.replace(specs["toy"].model, pos_enc=rope.pos_enc) == rope
+
+
+def test_registry_refuses_a_class_whose_config_does_not_match():
+    """The config alone finds its class: its family and default name must be the registry's."""
+
+    class Misnamed(Gated):
+        Config = GatedConfig  # default name 'toy'
+
+    with pytest.raises(TypeError, match="default name is 'other'"):
+        POS_ENC.register("other")(Misnamed)
+
+    class WrongFamily(Gated):
+        Config = NormConfig
+
+    with pytest.raises(TypeError, match="must be a pos_enc config"):
+        POS_ENC.register("layernorm")(WrongFamily)
+    assert "other" not in POS_ENC and "layernorm" not in POS_ENC

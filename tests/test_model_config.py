@@ -69,6 +69,23 @@ def cfg(**kw) -> ModelConfig:
         (dict(pos_enc="rope"), r"model\.pos_enc must be a mapping with a 'name'"),
         (dict(pos_enc={"name": "learned", "max_len": 8}), r"model\.pos_enc\.max_len=8 < model\.context_length=16"),
         (dict(dropout=1.0), r"model\.dropout=1\.0 must be in \[0, 1\)"),
+        (dict(pos_enc={"name": "rope", "scale": 0.0}), r"model\.pos_enc\.scale=0\.0 must be > 0"),
+        (
+            dict(d_model=8, n_heads=4, pos_enc={"name": "rope", "scaling": "ntk", "scale": 2.0}),
+            r"model\.pos_enc\.scaling='ntk' needs head_dim > 2 .* but head_dim is 2",
+        ),
+        (
+            dict(pos_enc={"name": "rope", "scaling": "yarn"}),
+            r"model\.pos_enc\.scaling='yarn' is not valid; valid: none",
+        ),
+        (dict(norm={"name": "rmsnorm", "eps": 0.0}), r"model\.norm\.eps=0\.0 must be > 0"),
+        (
+            dict(ffn={"name": "gelu", "approximate": "erf"}),
+            r"model\.ffn\.approximate='erf' is not valid; valid: tanh, none",
+        ),
+        (dict(ffn={"name": "moe", "expert": "relu"}), r"model\.ffn\.expert='relu' is not valid; valid: swiglu, gelu"),
+        (dict(ffn={"name": "moe", "z_loss_coef": -1.0}), r"model\.ffn\.z_loss_coef=-1\.0 must be >= 0"),
+        (dict(ffn={"name": "swiglu", "multiple_of": 0}), r"model\.ffn\.multiple_of=0 must be a positive integer"),
     ],
 )
 def test_invalid_config_is_refused(kw, pattern):

@@ -66,7 +66,7 @@ class ModelConfig:
     def __post_init__(self, reach: int) -> None:
         for family in REGISTRIES:
             setattr(self, family, _component(family, getattr(self, family)))
-        positive("model.context_length", self.context_length)
+        positive("model.context_length", self.context_length)  # before fit() multiplies it
         self.pos_enc.fit(reach * self.context_length)
         self.validate()
 

@@ -1,5 +1,5 @@
 """What every component shares: its config's base class, the model dimensions it is built from,
-its analytic cost, and the error a bad value raises. No torch import.
+its analytic cost, and the error a bad value raises. This module imports no torch.
 
 A component is one nn.Module class and one config dataclass, registered under a name:
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from pipeline.model.families import FAMILIES
 from tests.helpers.cli import TINY, cli
 
 EVAL_OFF = ["eval.enabled=false"]
@@ -45,7 +46,7 @@ def test_run_logs_curves_tags_params_artifacts(first_run) -> None:
     assert sorted(m.step for m in val) == [10, 20] or len(val) == 2
     assert {"lr", "val/ppl", "train/tokens_seen"} <= set(run.data.metrics)
     tags = run.data.tags
-    assert (tags["pos_enc"], tags["norm"], tags["attention"], tags["ffn"]) == ("alibi", "rmsnorm", "gqa", "swiglu")
+    assert tuple(tags[f] for f in FAMILIES) == ("alibi", "rmsnorm", "gqa", "swiglu")
     assert tags["preset"] == "llama" and tags["study"] == "default" and tags["seed"] == "3"
     assert tags["git_commit"]
     params = run.data.params

@@ -22,7 +22,6 @@ class LitDecoderLM(L.LightningModule):
         self.model = DecoderLM(model_cfg)
         self.optim = optim
         self.max_steps = max_steps
-        self.n_moe = len(self.model.moe_layers)
         self._load_sum: Tensor | None = None  # MoE expert load summed since the last validation
         self._load_steps = 0
         self.tokens_seen = 0

@@ -21,8 +21,6 @@ from pipeline.tracking.schema import Artifact, Metric, Tag
 if TYPE_CHECKING:
     from pipeline.model import DecoderLM, ModelConfig
 
-log = logging.getLogger(__name__)
-
 
 def run(
     cfg: DictConfig,

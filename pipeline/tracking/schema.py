@@ -16,7 +16,7 @@ import re
 
 from pipeline.model.families import FAMILIES
 
-TRUE, FALSE = "true", "false"  # how boolean tags are written
+TRUE = "true"  # how a boolean tag is written (false: "false", or the tag is absent)
 
 
 class Tag:

@@ -10,7 +10,7 @@ PORT ?= 5000
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install lint format test test-slow ablate ui report cost bench gpu-check clean
+.PHONY: help install lint format test test-slow ablate ui report cost bench gpu-wheels gpu-check clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -57,8 +57,36 @@ bench: $(STAMP) ## Step-time benchmark against a minimal GPT, transformers and x
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m benchmarks.step_time $(ARGS)
 
-gpu-check: $(STAMP) ## GPU checks in one script (writes results to $$OUT)
-	$(BIN)/python -m pytest -q -m gpu $${OUT:+--junitxml=$$OUT/gpu-check.xml} $(PYTEST_ARGS)
+# The GPU machine is offline and brings its own python3 (3.12), torch and Lightning, pandas and
+# pyarrow; `make gpu-wheels` (here, with a package index) fetches everything else as wheels.
+WHL := .whl
+GPU_PY ?= python3
+GPU_SITE := .gpu-site
+GPU_OUT ?= $(if $(OUT),$(OUT),gpu-check-out)
+GPU_PKGS := 'hydra-core>=1.3.2' 'omegaconf>=2.3' 'optuna>=4.0' 'mlflow-skinny>=3.0' 'sqlalchemy>=2' alembic \
+	'datasets>=3.0' 'matplotlib>=3.8' pyyaml psutil 'pytest>=8'
+# On the image already (or too big to ship): left out of .whl.
+GPU_IMAGE_HAS := numpy pandas pyarrow torch lightning
+WHEEL_TAGS := --only-binary=:all: --python-version 3.12 --implementation cp \
+	--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64
+
+gpu-wheels: ## Wheels for the offline GPU machine (CPython 3.12, x86-64) into .whl/ (<= 60 MB)
+	rm -rf $(WHL) && mkdir -p $(WHL)
+	@# Hydra's parser runtime is published only as a source archive: build its (pure-Python) wheel.
+	$(PY) -m pip wheel -q --no-deps -w $(WHL) 'antlr4-python3-runtime==4.9.3'
+	$(PY) -m pip download -q -d $(WHL) --find-links $(WHL) $(WHEEL_TAGS) $(GPU_PKGS)
+	for p in $(GPU_IMAGE_HAS); do rm -f $(WHL)/$$p-*.whl; done
+	@du -sh $(WHL); test $$(du -sm $(WHL) | cut -f1) -le 60 || { echo "gpu-wheels: .whl/ is over 60 MB"; exit 1; }
+
+gpu-check: ## On the GPU machine, offline: the GPU check script and `gpu` tests (JSON + junit in $$OUT)
+	@$(GPU_PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else \
+		f'gpu-check: CUDA is not available to {sys.executable} (torch {torch.__version__}); run it on the GPU machine')"
+	@test -n "$$(ls $(WHL)/*.whl 2>/dev/null)" || { echo "gpu-check: no wheels in $(WHL)/; run make gpu-wheels first"; exit 1; }
+	$(GPU_PY) -m pip install -q --no-index --no-deps --target $(GPU_SITE) --upgrade $(WHL)/*.whl
+	mkdir -p $(GPU_OUT)
+	PYTHONPATH=$(CURDIR)/$(GPU_SITE):$(CURDIR) $(GPU_PY) -m benchmarks.gpu_check --out $(GPU_OUT) $(ARGS)
+	PYTHONPATH=$(CURDIR)/$(GPU_SITE):$(CURDIR) $(GPU_PY) -m pytest -q -m gpu -p no:cacheprovider \
+		--junitxml=$(GPU_OUT)/gpu-tests.xml $(PYTEST_ARGS)
 
 clean: ## Remove caches and local stores (keeps .venv)
-	rm -rf outputs multirun reports .cache mlflow.db mlruns mlartifacts optuna.db
+	rm -rf outputs multirun reports .cache mlflow.db mlruns mlartifacts optuna.db $(GPU_SITE) gpu-check-out

@@ -83,7 +83,9 @@ class LMDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         windows = RandomWindows(self.splits.train, self.context_length, self.batch_size, self.seed)
-        return DataLoader(windows, batch_size=None, num_workers=self.num_workers)
+        # Pinned host batches: Lightning's copy to the GPU is then asynchronous (non_blocking),
+        # so the next batch's copy overlaps the current step instead of stalling the stream.
+        return DataLoader(windows, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
 
     def val_dataloader(self) -> DataLoader:
         x, y = fixed_windows(self.splits.val, self.context_length, self.val_batches * self.batch_size)

@@ -91,12 +91,16 @@ class DecoderLM(nn.Module):
         )
 
     def _mask(self, T: int, S: int, offset: int, device: torch.device) -> Tensor | None:
-        """None when attention can use its built-in causal mask; else an additive (H|1, T, S) bias."""
+        """None when attention can use its built-in causal mask; else an additive (1, H|1, T, S)
+        bias, built once per forward pass in the compute dtype (autocast's, else the weights'):
+        the fused sdpa kernels take a 4-d mask of q's dtype, so no layer casts or expands it."""
         bias = self.pos.bias(T, S, offset, device)  # ALiBi's (H, T, S) slopes; None for others
         if bias is None and (offset == 0 or T == 1):
             return None
         mask = causal_bias(T, S, offset, device)
-        return mask if bias is None else bias + mask
+        mask = mask if bias is None else bias + mask
+        on = torch.is_autocast_enabled(device.type)
+        return mask.to(torch.get_autocast_dtype(device.type) if on else self.tok_emb.weight.dtype)[None]
 
     def forward(self, tokens: Tensor, cache: KVCache | None = None, return_aux: bool = False):
         B, T = tokens.shape

@@ -1,7 +1,9 @@
 """LightningModule around DecoderLM: loss, AdamW with decay groups, warmup + cosine schedule.
 
 It knows nothing of sweeps or MLflow; metrics go through `self.log` to whatever logger the
-Trainer has.
+Trainer has. A training step never reads a value back to the host (a CUDA sync, which at the GPU
+budget's 1-3 ms steps costs as much as the step): metrics are logged, and the loss checked for
+NaN/inf, only at logging steps (every `trainer.log_every_n_steps`).
 """
 
 from __future__ import annotations
@@ -17,38 +19,59 @@ from pipeline.tracking.schema import Metric, moe_load
 
 
 class LitDecoderLM(L.LightningModule):
-    def __init__(self, model_cfg: ModelConfig, optim: OptimConfig, max_steps: int) -> None:
+    def __init__(self, model_cfg: ModelConfig, optim: OptimConfig, max_steps: int, compile: bool = False) -> None:
         super().__init__()
         self.model = DecoderLM(model_cfg)
+        # torch.compile (trainer.compile): the forward pass has no host syncs or graph breaks
+        # (tested with fullgraph=True), so Inductor fuses norms, activations and rotary ops.
+        # Kept out of the module tree (no duplicate state_dict keys); evaluation and decoding
+        # stay eager, since their shapes change from call to call.
+        self.__dict__["step_model"] = torch.compile(self.model, fullgraph=True) if compile else self.model
         self.optim = optim
         self.max_steps = max_steps
         self._load_sum: Tensor | None = None  # MoE expert load summed since the last validation
         self._load_steps = 0
+        self._nonfinite: Tensor | None = None  # on the device: any non-finite loss since the last check
         self.tokens_seen = 0
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.model(tokens)
 
+    def _log_step(self) -> bool:
+        """Lightning's rule for the steps whose metrics reach the logger (and the last step)."""
+        step = self.global_step + 1
+        return step % max(1, self.trainer.log_every_n_steps) == 0 or step >= self.max_steps
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        logits, aux = self.model(x, return_aux=True)
+        logits, aux = self.step_model(x, return_aux=True)
         lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-        if not torch.isfinite(lm_loss):
-            raise FloatingPointError(f"{Metric.TRAIN_LOSS} is {lm_loss.item()} at step {self.global_step}")
+        bad = ~torch.isfinite(lm_loss.detach())
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
         self.tokens_seen += y.numel()
-        self.log(Metric.TRAIN_LOSS, lm_loss, prog_bar=True)
-        self.log(Metric.TRAIN_TOKENS_SEEN, float(self.tokens_seen))
-        self.log(Metric.LR, self.optimizers().param_groups[0]["lr"])
+        log_now = self._log_step()
+        if log_now:
+            if self._nonfinite.item():  # the one host read of the logging interval
+                raise FloatingPointError(
+                    f"{Metric.TRAIN_LOSS} is nan or inf at a step in ({self.global_step + 1 - self.trainer.log_every_n_steps}, "
+                    f"{self.global_step + 1}] (checked every trainer.log_every_n_steps); lower optimizer.lr"
+                )
+            self._nonfinite = None
+            # Not on the progress bar: it reads its metrics back at every step, not only these.
+            self.log(Metric.TRAIN_LOSS, lm_loss)
+            self.log(Metric.TRAIN_TOKENS_SEEN, float(self.tokens_seen))
+            self.log(Metric.LR, self.optimizers().param_groups[0]["lr"])
         if not aux:
             return lm_loss
         # MoE: load-balancing and z-losses join the objective (Switch; ST-MoE).
-        self.log_dict(
-            {
-                Metric.MOE_BALANCE: aux["moe_balance"],
-                Metric.MOE_Z: aux["moe_z"],
-                Metric.MOE_DROPPED: aux["moe_dropped"].float(),
-            }
-        )
+        if log_now:
+            self.log_dict(
+                {
+                    Metric.MOE_BALANCE: aux["moe_balance"],
+                    Metric.MOE_Z: aux["moe_z"],
+                    Metric.MOE_DROPPED: aux["moe_dropped"].float(),
+                }
+            )
         load = aux["expert_load"]
         self._load_sum = load if self._load_sum is None else self._load_sum + load
         self._load_steps += 1
@@ -80,6 +103,8 @@ class LitDecoderLM(L.LightningModule):
             lr=o.lr,
             betas=tuple(o.betas),
             eps=o.eps,
+            # One multi-tensor kernel per step on CUDA instead of a loop over parameters.
+            fused=self.device.type == "cuda" or None,
         )
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_lambda(s, o.warmup_steps, self.max_steps, o.min_lr_ratio)

@@ -127,18 +127,25 @@ def train(
     import mlflow
     from hydra.utils import instantiate
 
-    from pipeline.run.callbacks import Throughput
+    from pipeline.evaluate.cost import analytic_cost
+    from pipeline.run.callbacks import Throughput, peak_flops
     from pipeline.run.module import LitDecoderLM
     from pipeline.tracking.sweep import trial_callbacks
 
-    lit = LitDecoderLM(model_cfg, spec.optim, spec.max_steps)
+    lit = LitDecoderLM(model_cfg, spec.optim, spec.max_steps, compile=spec.compile)
     throughput = Throughput()
-    trainer = instantiate(cfg.trainer, logger=logger, callbacks=[throughput, *trial_callbacks(cfg)])
+    # trainer.compile and trainer.peak_flops are ours (RunSpec), not lightning.Trainer's.
+    trainer_cfg = OmegaConf.masked_copy(cfg.trainer, [k for k in cfg.trainer if k not in ("compile", "peak_flops")])
+    trainer = instantiate(trainer_cfg, logger=logger, callbacks=[throughput, *trial_callbacks(cfg)])
     trainer.fit(lit, datamodule=dm)
     if trainer.interrupted:
         raise KeyboardInterrupt("training interrupted")
     if throughput.tokens_per_s:
         mlflow.log_metric(Metric.COST_TRAIN_TOKENS_PER_S, throughput.tokens_per_s)
+    peak = peak_flops(trainer.strategy.root_device, cfg.trainer.precision, spec.peak_flops)
+    mfu = throughput.mfu(analytic_cost(model_cfg)["flops_per_token"], peak)
+    if mfu is not None:
+        mlflow.log_metrics({Metric.COST_MFU: mfu, Metric.COST_PEAK_FLOPS: peak})
     return lit.model, float(trainer.callback_metrics[Metric.VAL_LOSS])
 
 

@@ -37,6 +37,8 @@ class RunSpec:
     val_batches: int
     optim: OptimConfig
     max_steps: int
+    compile: bool = False  # trainer.compile: torch.compile the training forward pass
+    peak_flops: float | None = None  # trainer.peak_flops: the FLOP/s cost/mfu divides by
 
 
 def _require(key: str, value: Any, ok: bool, valid: str) -> None:
@@ -75,6 +77,14 @@ def validate_config(cfg: DictConfig) -> RunSpec:
         isinstance(every, int) and 0 < every <= steps,
         f"use an integer number of steps between 1 and trainer.max_steps={steps}",
     )
+    compile_, peak = t.get("compile", False), t.get("peak_flops")
+    _require("trainer.compile", compile_, isinstance(compile_, bool), "use true or false")
+    _require(
+        "trainer.peak_flops",
+        peak,
+        peak is None or (isinstance(peak, int | float) and not isinstance(peak, bool) and peak > 0),
+        "use the accelerator's peak FLOP/s (e.g. 989e12 for an H100/H200 in bf16), or null for the built-in table",
+    )
     check_keys("optimizer", c["optimizer"], OptimConfig, RunConfigError)
     o = OptimConfig(**c["optimizer"])
     _require("optimizer.lr", o.lr, o.lr > 0, "use a positive learning rate")
@@ -85,7 +95,7 @@ def validate_config(cfg: DictConfig) -> RunSpec:
         "use a non-negative integer",
     )
     _require("optimizer.weight_decay", o.weight_decay, o.weight_decay >= 0, "use a non-negative value")
-    return RunSpec(model_cfg, preset, data_cfg, batch_size, val_batches, o, steps)
+    return RunSpec(model_cfg, preset, data_cfg, batch_size, val_batches, o, steps, compile_, peak)
 
 
 def model_from_config(c: dict[str, Any]) -> tuple[ModelConfig, str | None]:

@@ -111,6 +111,8 @@ def lightning_logger(uri: str, run_id: str):
 
     class RunLogger(MLFlowLogger):
         def finalize(self, status: str = "success") -> None:
-            pass
+            mlflow.flush_async_logging()  # the queued metric batches are in the store when fit() returns
 
-    return RunLogger(tracking_uri=uri, run_id=run_id, log_model=False)
+    # synchronous=False: metric batches are written by MLflow's background thread, so a logging
+    # step does not wait on the SQLite store.
+    return RunLogger(tracking_uri=uri, run_id=run_id, log_model=False, synchronous=False)

@@ -83,6 +83,8 @@ class Metric:
     COST_PREFILL_TOKENS_PER_S = "cost/prefill_tokens_per_s"
     COST_PEAK_MEM_BYTES = "cost/peak_mem_bytes"
     COST_TRAIN_TOKENS_PER_S = "cost/train_tokens_per_s"  # training throughput, warm-up steps excluded
+    COST_MFU = "cost/mfu"  # training FLOP/s (3 x forward FLOPs per token) / peak FLOP/s
+    COST_PEAK_FLOPS = "cost/peak_flops"  # the peak cost/mfu divides by (trainer.peak_flops or the datasheet's)
     # The sweep's parent run
     SWEEP_BEST_VAL_LOSS = "sweep/best_val_loss"  # min val/loss over its FINISHED children
 

@@ -153,7 +153,7 @@ class CausalSelfAttention(nn.Module):
             q,
             k,
             v,
-            attn_mask=None if mask is None else mask.to(q.dtype),
+            attn_mask=mask,  # (1, H|1, T, S) in q's dtype: DecoderLM._mask builds it once per forward
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=causal,
             enable_gqa=self.n_kv_heads != self.n_heads,

@@ -196,6 +196,45 @@ class MoE(nn.Module):
             h = F.gelu(h, approximate=self.cfg.approximate)
         return h @ self.w_out[e].T
 
+    # "auto": grouped matmul where it applies (bf16 compute, 16-byte aligned rows), else the
+    # loop; "loop" forces the reference (tests compare the two).
+    dispatch: Literal["auto", "loop"] = "auto"
+
+    def _grouped(self, flat: Tensor) -> bool:
+        dtype = (
+            torch.get_autocast_dtype(flat.device.type) if torch.is_autocast_enabled(flat.device.type) else flat.dtype
+        )
+        aligned = self.w_in.shape[-1] % 8 == 0 and self.w_out.shape[-1] % 8 == 0 and self.w_in.shape[1] % 8 == 0
+        return self.dispatch == "auto" and dtype == torch.bfloat16 and aligned and hasattr(torch, "_grouped_mm")
+
+    def _experts_grouped(self, flat: Tensor, token: Tensor, gate: Tensor, counts: Tensor) -> Tensor:
+        """All experts in two grouped matmuls over the expert-sorted assignments: one kernel
+        per matrix for all experts, no per-expert sizes read back to the host (the loop reads
+        them). torch._grouped_mm takes bf16 (what its CUDA kernel, Hopper and later, runs)."""
+        bf16 = torch.bfloat16
+        offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's group
+        h = torch._grouped_mm(flat[token].to(bf16), self.w_in.to(bf16).transpose(1, 2), offs=offs)  # (N*k, [2]h)
+        if self.gated:
+            g, up = h.chunk(2, dim=-1)
+            h = F.silu(g) * up
+        else:
+            h = F.gelu(h, approximate=self.cfg.approximate)
+        y = torch._grouped_mm(h.contiguous(), self.w_out.to(bf16).transpose(1, 2), offs=offs)  # (N*k, d)
+        y = y * gate[:, None].to(bf16)
+        return torch.zeros(flat.shape, dtype=bf16, device=flat.device).index_add_(0, token, y)
+
+    def _experts_loop(self, flat: Tensor, token: Tensor, gate: Tensor, counts: Tensor) -> Tensor:
+        """The reference: one expert at a time on its group (reads the group sizes on the host)."""
+        out = torch.zeros_like(flat)
+        start = 0
+        for e, n in enumerate(counts.tolist()):  # a loop over experts, never over tokens
+            if n:
+                idx = token[start : start + n]
+                y = self.expert(e, flat[idx]) * gate[start : start + n, None].to(flat.dtype)
+                out.index_add_(0, idx, y)
+                start += n
+        return out
+
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (N, d)
@@ -210,30 +249,27 @@ class MoE(nn.Module):
 
         # Group the N*k (token, expert) assignments by expert; stable sort keeps token order,
         # so under a capacity limit the earliest tokens of each expert are served first.
+        # Everything below has static shapes: no host read, so no CUDA sync (bincount would
+        # size its output from the data; boolean indexing too).
         assign = experts.flatten()
         order = assign.argsort(stable=True)
-        counts = torch.bincount(assign, minlength=E)  # (E,)
+        counts = torch.zeros(E, dtype=torch.long, device=x.device).index_add_(0, assign, torch.ones_like(assign))
         token = order // k
         gate = gates.flatten()[order]
-        served = counts
         dropped = torch.zeros((), dtype=torch.long, device=x.device)
         if self.cfg.capacity_factor is not None:
+            # A dropped assignment keeps its row with a zero gate: its output is multiplied away.
             capacity = math.ceil(self.cfg.capacity_factor * N * k / E)
             starts = torch.cumsum(counts, 0) - counts
-            rank = torch.arange(N * k, device=x.device) - starts.repeat_interleave(counts)
+            rank = torch.arange(N * k, device=x.device) - starts[assign[order]]
             keep = rank < capacity
-            token, gate = token[keep], gate[keep]
-            served = counts.clamp(max=capacity)
+            gate = gate * keep
             dropped = (~keep).sum()
 
-        out = torch.zeros_like(flat)
-        start = 0
-        for e, n in enumerate(served.tolist()):  # a loop over experts, never over tokens
-            if n:
-                idx = token[start : start + n]
-                y = self.expert(e, flat[idx]) * gate[start : start + n, None].to(flat.dtype)
-                out.index_add_(0, idx, y)
-                start += n
+        if self._grouped(flat):
+            out = self._experts_grouped(flat, token, gate, counts)
+        else:
+            out = self._experts_loop(flat, token, gate, counts)
 
         load = counts.float() / (N * k)  # f_i: fraction of assignments (sums to 1)
         balance = E * (load * probs.mean(dim=0)).sum()

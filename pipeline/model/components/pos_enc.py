@@ -38,6 +38,17 @@ class PosEncConfig(ComponentConfig):
 class PositionalEncoding(nn.Module):
     Config = PosEncConfig
 
+    def _apply(self, fn, recurse: bool = True):
+        """Device moves apply to the frequency/slope buffers; dtype casts do not: they stay fp32
+        under `model.to(torch.bfloat16)`. A bf16 angle pos * inv_freq keeps 8 bits, so RoPE's
+        cos/sin at 8x a 256 context are off by up to ~0.4 (measured; tests/test_precision.py)."""
+        fp32 = {n: b for n, b in self._buffers.items() if b is not None and b.dtype == torch.float32}
+        super()._apply(fn, recurse)
+        for name, b in fp32.items():
+            if self._buffers[name].dtype != torch.float32:
+                self._buffers[name] = b.to(self._buffers[name].device)
+        return self
+
     def embed(self, x: Tensor, offset: int) -> Tensor:  # (B, T, D) -> (B, T, D)
         return x
 
@@ -231,4 +242,4 @@ class ALiBi(PositionalEncoding):
         q_pos = torch.arange(offset, offset + T, device=device)
         k_pos = torch.arange(S, device=device)
         distance = (q_pos[:, None] - k_pos[None, :]).clamp(min=0).float()  # (T, S)
-        return -self.slopes[:, None, None] * distance  # (H, T, S)
+        return -self.slopes[:, None, None] * distance  # (H, T, S), fp32

@@ -32,7 +32,8 @@ def test_cpu_mode_runs_every_step_and_writes_json_and_junit(tmp_path: Path, monk
     for preset in ("llama", "mixtral"):
         assert r["host_syncs"][preset]["max_between_logging_steps"] == 0, r["host_syncs"][preset]
     for label in ("budget_llama", "budget_mixtral", "gpt2_124m"):
-        assert set(r["step_time"][label]) == {"as_is", "sync_free", "fused", "compiled"}
+        assert {"as_is", "sync_free", "fused"} <= set(r["step_time"][label])
+    assert r["step_time"]["budget_llama"]["compiled"]["step_ms"] > 0
     assert {f"llama/b{b}" for b in (1, 8, 64)} <= set(r["decode"])
     assert r["mini_sweep"]["eval_device"] and r["mini_sweep"]["trials_per_hour"] > 0
     assert os.path.exists(tmp_path / "out" / "gpu_check.xml")

@@ -98,9 +98,7 @@ def test_moe_grouped_routing_reads_nothing_back_to_the_host() -> None:
     assert "tolist" in reads  # the counter sees the loop's read: the check above can fail
 
 
-@pytest.mark.parametrize(
-    "preset,pos,bf16", [("llama", "rope", False), ("gpt2", "alibi", False), ("mixtral", "rope", True)]
-)
+@pytest.mark.parametrize("preset,pos,bf16", [("gpt2", "alibi", False), ("mixtral", "rope", True)])
 def test_forward_compiles_with_fullgraph(preset: str, pos: str, bf16: bool) -> None:
     """fullgraph=True fails on any graph break, which a host read (.item(), .tolist(), data-
     dependent shapes) causes: the training forward pass is free of them (MoE: in bf16, where

@@ -4,6 +4,7 @@ training steps between logging steps, torch.compile with fullgraph, and the run 
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -137,3 +138,17 @@ def test_gpu_check_target_fails_without_cuda() -> None:
     )
     assert proc.returncode != 0
     assert "gpu-check: CUDA is not available" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [("trainer.compile=maybe", "trainer.compile='maybe'"), ("trainer.peak_flops=-1", "trainer.peak_flops=-1")],
+)
+def test_gpu_levers_are_checked_at_the_boundary(override: str, needle: str) -> None:
+    from pipeline.run.spec import RunConfigError, validate_config
+    from tests.test_conf import compose_train
+
+    with pytest.raises(RunConfigError, match=re.escape(needle)):
+        validate_config(compose_train(["budget=cpu", override]))
+    spec = validate_config(compose_train(["budget=cpu", "trainer.compile=true", "trainer.peak_flops=1e12"]))
+    assert spec.compile is True and spec.peak_flops == 1e12

@@ -52,9 +52,10 @@ class LitDecoderLM(L.LightningModule):
         log_now = self._log_step()
         if log_now:
             if self._nonfinite.item():  # the one host read of the logging interval
+                end, every = self.global_step + 1, self.trainer.log_every_n_steps
                 raise FloatingPointError(
-                    f"{Metric.TRAIN_LOSS} is nan or inf at a step in ({self.global_step + 1 - self.trainer.log_every_n_steps}, "
-                    f"{self.global_step + 1}] (checked every trainer.log_every_n_steps); lower optimizer.lr"
+                    f"{Metric.TRAIN_LOSS} is nan or inf at a step in ({end - every}, {end}] "
+                    "(checked every trainer.log_every_n_steps); lower optimizer.lr"
                 )
             self._nonfinite = None
             # Not on the progress bar: it reads its metrics back at every step, not only these.

@@ -16,6 +16,7 @@ from pipeline.data.config import DataConfig, DataConfigError
 from pipeline.evaluate import EvalConfig
 from pipeline.evaluate.extrapolation import check_factors
 from pipeline.model import ConfigError, ModelConfig
+from pipeline.model.components.ffn import MoEConfig
 from pipeline.run.optim import OptimConfig
 
 
@@ -85,6 +86,11 @@ def validate_config(cfg: DictConfig) -> RunSpec:
         peak is None or (isinstance(peak, int | float) and not isinstance(peak, bool) and peak > 0),
         "use the accelerator's peak FLOP/s (e.g. 989e12 for an H100/H200 in bf16), or null for the built-in table",
     )
+    if compile_ and isinstance(model_cfg.ffn, MoEConfig) and not str(t.get("precision")).startswith("bf16"):
+        raise RunConfigError(
+            f"trainer.compile=true with model.ffn=moe needs trainer.precision=bf16-mixed, not {t.get('precision')!r}: "
+            "only the bf16 grouped expert matmul is free of host reads (graph breaks); or set trainer.compile=false"
+        )
     check_keys("optimizer", c["optimizer"], OptimConfig, RunConfigError)
     o = OptimConfig(**c["optimizer"])
     _require("optimizer.lr", o.lr, o.lr > 0, "use a positive learning rate")

@@ -69,7 +69,7 @@ CPU = Shapes(
     big={"d_model": 64, "n_layers": 2, "n_heads": 4, "context_length": 64, "vocab_size": 256},
     batch=4,
     big_batch=2,
-    steps=3,
+    steps=2,
     decode_batches=(1, 8, 64),
     new_tokens=4,
     matmul_n=256,
@@ -211,7 +211,8 @@ def attention_kernels(ctx: Context) -> dict[str, dict[str, str]]:
     T = sizes["context_length"]
     out: dict[str, dict[str, str]] = {}
     autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16)
-    for pos, attn in itertools.product(POS_ENCS, ATTENTIONS):
+    attentions = ["gqa"] if ctx.cpu_mode else ATTENTIONS  # CPU mode: the code path, not the table
+    for pos, attn in itertools.product(POS_ENCS, attentions):
         model = _model("llama", sizes, pos_enc={"name": pos}, attention={"name": attn}).to(ctx.device)
         cache = model.new_cache(1, 4 * T + 1)
         shapes = {
@@ -365,7 +366,7 @@ def _train_variant(ctx: Context, preset: str, sizes: dict[str, int], batch: int,
         if variant == "as_is" and not torch.isfinite(loss):  # what the module did every step
             raise FloatingPointError("non-finite loss")
 
-    warm = 3 if variant != "compiled" else 5
+    warm = 1 if ctx.cpu_mode else (3 if variant != "compiled" else 5)
     for i in range(warm):
         step(i)
     ctx.sync()
@@ -450,6 +451,7 @@ def mini_sweep(ctx: Context) -> dict[str, Any]:
         "trainer.enable_progress_bar=false",
         "tracking.system_metrics=false",
         *([] if ctx.device.type == "cuda" and not ctx.cpu_mode else tiny),
+        *(["eval.factors=[1]", "trainer.max_steps=4", "trainer.val_check_interval=4"] if ctx.cpu_mode else []),
     ]
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()

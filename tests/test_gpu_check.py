@@ -24,7 +24,7 @@ def test_cpu_mode_runs_every_step_and_writes_json_and_junit(tmp_path: Path, monk
 
     r = report["results"]
     assert r["ceilings"]["matmul_flops"] > 0 and r["ceilings"]["copy_bytes_per_s"] > 0
-    assert len(r["attention_kernels"]) == len(gpu_check.POS_ENCS) * len(gpu_check.ATTENTIONS)
+    assert len(r["attention_kernels"]) == len(gpu_check.POS_ENCS)  # CPU mode: gqa only
     assert all(set(row) == {"train", "eval", "decode"} for row in r["attention_kernels"].values())
     # The math backend never picks a fused kernel; sdpa's error stays small.
     assert all(v["grad_rel_err"] < 0.1 for v in r["bf16_error"].values())

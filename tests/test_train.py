@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from pipeline.model.families import FAMILIES
 from tests.helpers.cli import TINY, cli
 
 EVAL_OFF = ["eval.enabled=false"]
@@ -45,7 +46,7 @@ def test_run_logs_curves_tags_params_artifacts(first_run) -> None:
     assert sorted(m.step for m in val) == [10, 20] or len(val) == 2
     assert {"lr", "val/ppl", "train/tokens_seen"} <= set(run.data.metrics)
     tags = run.data.tags
-    assert (tags["pos_enc"], tags["norm"], tags["attention"], tags["ffn"]) == ("alibi", "rmsnorm", "gqa", "swiglu")
+    assert tuple(tags[f] for f in FAMILIES) == ("alibi", "rmsnorm", "gqa", "swiglu")
     assert tags["preset"] == "llama" and tags["study"] == "default" and tags["seed"] == "3"
     assert tags["git_commit"]
     params = run.data.params
@@ -100,17 +101,17 @@ def test_rerun_reproduces_the_curve_exactly(first_run) -> None:
         ("eval.factors=[1,4096]", "max(eval.factors)=4096"),  # test text too short: found after loading data
     ],
 )
-def test_bad_override_exits_with_short_message_and_no_run(tmp_path: Path, override: str, needle: str) -> None:
-    proc = cli("pipeline.train", [*TINY, *override.split()], tmp_path)
+def test_bad_override_exits_with_short_message_and_no_run(tmp_path: Path, tiny, override: str, needle: str) -> None:
+    proc = cli("pipeline.train", [*tiny, *override.split()], tmp_path)
     assert proc.returncode != 0
     assert needle in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) <= 25
     assert runs(tmp_path) == []
 
 
-def test_failed_training_ends_run_failed_with_reason(tmp_path: Path) -> None:
+def test_failed_training_ends_run_failed_with_reason(tmp_path: Path, tiny) -> None:
     """A NaN loss mid-training: the run ends FAILED and says why."""
-    proc = cli("pipeline.train", [*TINY, *EVAL_OFF, "optimizer.lr=1e6", "trainer.gradient_clip_val=null"], tmp_path)
+    proc = cli("pipeline.train", [*tiny, *EVAL_OFF, "optimizer.lr=1e6", "trainer.gradient_clip_val=null"], tmp_path)
     assert proc.returncode != 0
     (run,) = runs(tmp_path)
     assert run.info.status == "FAILED"

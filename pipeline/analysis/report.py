@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-import re
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,16 +34,15 @@ from pipeline.analysis.study import (
     group_configurations,
     load_study,
 )
+from pipeline.tracking.schema import TRUE, Artifact, Metric, Param, Tag, parse_extrap_ppl, parse_moe_load
 
 COST_KEYS = (
-    "cost/params_total",
-    "cost/params_active",
-    "cost/kv_bytes_per_token",
-    "cost/decode_tokens_per_s",
-    "cost/train_tokens_per_s",
+    Metric.COST_PARAMS_TOTAL,
+    Metric.COST_PARAMS_ACTIVE,
+    Metric.COST_KV_BYTES_PER_TOKEN,
+    Metric.COST_DECODE_TOKENS_PER_S,
+    Metric.COST_TRAIN_TOKENS_PER_S,
 )
-MOE_LOAD = re.compile(r"^moe/load/l(\d+)/e(\d+)$")
-EXTRAP = re.compile(r"^extrap/ppl_x([0-9.]+)$")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,19 +50,17 @@ EXTRAP = re.compile(r"^extrap/ppl_x([0-9.]+)$")
 
 
 def extrap_factors(configs: Sequence[Configuration]) -> list[tuple[float, str]]:
-    keys = {k for c in configs for t in c.trials for k in t.metrics if EXTRAP.match(k)}
-    return sorted((float(EXTRAP.match(k).group(1)), k) for k in keys)
+    keys = {k for c in configs for t in c.trials for k in t.metrics if parse_extrap_ppl(k) is not None}
+    return sorted((parse_extrap_ppl(k), k) for k in keys)
 
 
 def tokens_seen(t: Trial) -> float:
     """Training tokens: the logged counter, else steps x batch x context from the params."""
-    if "train/tokens_seen" in t.metrics:
-        return t.metrics["train/tokens_seen"]
+    if Metric.TRAIN_TOKENS_SEEN in t.metrics:
+        return t.metrics[Metric.TRAIN_TOKENS_SEEN]
     try:
         return (
-            float(t.params["trainer.max_steps"])
-            * float(t.params["data.batch_size"])
-            * float(t.params["model.context_length"])
+            float(t.params[Param.MAX_STEPS]) * float(t.params[Param.BATCH_SIZE]) * float(t.params[Param.CONTEXT_LENGTH])
         )
     except (KeyError, ValueError):
         return math.nan
@@ -102,8 +98,8 @@ def section_table(doc: Doc, configs, extra, factors_x) -> None:
                 *[c.levels[f] for f in FAMILIES],
                 *[c.levels[k] for k in extra],
                 str(n),
-                fmt_stat(*c.stat("val/loss")[:2]),
-                fmt_stat(*c.stat("val/ppl")[:2], 2),
+                fmt_stat(*c.stat(Metric.VAL_LOSS)[:2]),
+                fmt_stat(*c.stat(Metric.VAL_PPL)[:2], 2),
                 *[fmt_stat(*c.stat(k)[:2], 2) for _, k in factors_x],
                 *[fmt_stat(*c.stat(k)[:2], 1) for k in COST_KEYS],
                 fmt_stat(*c.wall()[:2], 1),
@@ -116,7 +112,7 @@ def section_table(doc: Doc, configs, extra, factors_x) -> None:
 def section_plots(doc: Doc, configs, factors_x, out: Path) -> list[Path]:
     files = []
     doc.h(2, "Curves")
-    by_step = {c.label: [t.curves["val/loss"] for t in c.trials if "val/loss" in t.curves] for c in configs}
+    by_step = {c.label: [t.curves[Metric.VAL_LOSS] for t in c.trials if Metric.VAL_LOSS in t.curves] for c in configs}
     by_step = {k: v for k, v in by_step.items() if v}
     if by_step:
         files.append(plots.curves(by_step, "optimizer step", "val loss", out / "val_loss_step.png"))
@@ -125,20 +121,20 @@ def section_plots(doc: Doc, configs, factors_x, out: Path) -> list[Path]:
         for c in configs:
             runs = []
             for t in c.trials:
-                if "val/loss" not in t.curves:
+                if Metric.VAL_LOSS not in t.curves:
                     continue
-                steps, loss = t.curves["val/loss"]
-                if "train/tokens_seen" in t.curves:
-                    tok = np.interp(steps, *t.curves["train/tokens_seen"])
+                steps, loss = t.curves[Metric.VAL_LOSS]
+                if Metric.TRAIN_TOKENS_SEEN in t.curves:
+                    tok = np.interp(steps, *t.curves[Metric.TRAIN_TOKENS_SEEN])
                 else:  # no counter logged: tokens per step from the params
-                    tok = steps * tokens_seen(t) / float(t.params.get("trainer.max_steps", "nan"))
+                    tok = steps * tokens_seen(t) / float(t.params.get(Param.MAX_STEPS, "nan"))
                 runs.append((tok, loss))
             if runs:
                 by_tok[c.label] = runs
         files.append(plots.curves(by_tok, "training tokens seen", "val loss", out / "val_loss_tokens.png"))
         doc.img(files[-1].name, "val loss vs tokens seen")
     else:
-        doc.p("No `val/loss` curves were logged.")
+        doc.p(f"No `{Metric.VAL_LOSS}` curves were logged.")
     if factors_x:
         doc.h(2, "Length extrapolation")
         doc.p(
@@ -155,13 +151,13 @@ def section_plots(doc: Doc, configs, factors_x, out: Path) -> list[Path]:
     doc.h(2, "Quality vs cost")
     pareto_panels = []
     for key, xlabel, low in (
-        ("cost/kv_bytes_per_token", "KV-cache bytes per token", True),
-        ("cost/decode_tokens_per_s", "decode tokens/s", False),
+        (Metric.COST_KV_BYTES_PER_TOKEN, "KV-cache bytes per token", True),
+        (Metric.COST_DECODE_TOKENS_PER_S, "decode tokens/s", False),
     ):
         pts = {
-            c.label: (c.stat(key)[0], c.stat("val/loss")[0])
+            c.label: (c.stat(key)[0], c.stat(Metric.VAL_LOSS)[0])
             for c in configs
-            if c.stat(key)[2] and c.stat("val/loss")[2]
+            if c.stat(key)[2] and c.stat(Metric.VAL_LOSS)[2]
         }
         if pts:
             pareto_panels.append((xlabel, low, pts))
@@ -185,7 +181,7 @@ def section_effects(
     if not factors:
         doc.p("The study has no factor with two or more levels.")
         return files
-    fac = factorial(configs, factors, levels, ref, "val/loss")
+    fac = factorial(configs, factors, levels, ref, Metric.VAL_LOSS)
     n_cells = math.prod(len(levels[f]) for f in factors)
     doc.p(
         "Response: final val loss (negative = better than the reference). Reference levels: "
@@ -298,9 +294,9 @@ def section_moe(doc: Doc, configs, out: Path) -> list[Path]:
         cells = defaultdict(list)
         for t in c.trials:
             for k, v in t.metrics.items():
-                m = MOE_LOAD.match(k)
-                if m:
-                    cells[(int(m.group(1)), int(m.group(2)))].append(v)
+                cell = parse_moe_load(k)
+                if cell is not None:
+                    cells[cell].append(v)
         if not cells:
             continue
         n_layers = 1 + max(layer for layer, _ in cells)
@@ -316,8 +312,8 @@ def section_moe(doc: Doc, configs, out: Path) -> list[Path]:
                 c.id,
                 str(n_experts),
                 " ".join(f"{x:.2f}" for x in imbalance),
-                fmt_stat(*c.stat("moe/balance")[:2]),
-                fmt_stat(*c.stat("moe/z")[:2]),
+                fmt_stat(*c.stat(Metric.MOE_BALANCE)[:2]),
+                fmt_stat(*c.stat(Metric.MOE_Z)[:2]),
             ]
         )
     if not loads:
@@ -328,7 +324,7 @@ def section_moe(doc: Doc, configs, out: Path) -> list[Path]:
         "seeds (`moe/load/l<layer>/e<expert>`). Imbalance per layer = max load × n_experts "
         "(1 = even)."
     )
-    doc.table(["config", "experts", "imbalance per layer", "moe/balance", "moe/z"], rows)
+    doc.table(["config", "experts", "imbalance per layer", Metric.MOE_BALANCE, Metric.MOE_Z], rows)
     f = plots.moe_load(loads, out / "moe_load.png")
     doc.img(f.name, "expert load")
     return [f]
@@ -339,14 +335,14 @@ def section_scaling(doc: Doc, configs, reference, out: Path) -> list[Path]:
     by_arch: dict[tuple, list[Trial]] = defaultdict(list)
     for c in configs:
         by_arch[c.arch].extend(c.trials)
-    sizes = {a: {t.metrics.get("cost/params_active") for t in ts} - {None} for a, ts in by_arch.items()}
+    sizes = {a: {t.metrics.get(Metric.COST_PARAMS_ACTIVE) for t in ts} - {None} for a, ts in by_arch.items()}
     if not any(len(s) > 1 for s in sizes.values()):
         return []
     doc.h(2, "Scaling")
     points, fits = {}, {}
     for arch, ts in by_arch.items():
-        C = [6.0 * t.metrics.get("cost/params_active", math.nan) * tokens_seen(t) for t in ts]
-        L = [t.metrics.get("val/loss", math.nan) for t in ts]
+        C = [6.0 * t.metrics.get(Metric.COST_PARAMS_ACTIVE, math.nan) * tokens_seen(t) for t in ts]
+        L = [t.metrics.get(Metric.VAL_LOSS, math.nan) for t in ts]
         name = " · ".join(arch)
         points[name] = (C, L)
         fits[name] = fit_power_law(C, L) if len(sizes[arch]) > 1 else None
@@ -397,18 +393,18 @@ def section_failures(doc: Doc, trials: Sequence[Trial]) -> None:
         return
     rows = []
     for t in bad:
-        if t.status == "KILLED" and t.tags.get("pruned") == "true":
+        if t.status == "KILLED" and t.tags.get(Tag.PRUNED) == TRUE:
             kind = "pruned"
             reason = (
-                t.tags.get("failure_reason")
-                or t.tags.get("pruned_reason")
-                or ("pruned by the sampler's pruner at val loss " + fmt(t.metrics.get("val/loss", math.nan)))
+                t.tags.get(Tag.FAILURE_REASON)
+                or t.tags.get(Tag.PRUNED_REASON)
+                or ("pruned by the sampler's pruner at val loss " + fmt(t.metrics.get(Metric.VAL_LOSS, math.nan)))
             )
         elif t.status == "FAILED":
-            kind, reason = "failed", t.tags.get("failure_reason", "(no failure_reason tag)")
+            kind, reason = "failed", t.tags.get(Tag.FAILURE_REASON, f"(no {Tag.FAILURE_REASON} tag)")
         else:
-            kind, reason = t.status.lower(), t.tags.get("failure_reason", "did not finish")
-        steps = t.curves.get("val/loss", ([], []))[0]
+            kind, reason = t.status.lower(), t.tags.get(Tag.FAILURE_REASON, "did not finish")
+        steps = t.curves.get(Metric.VAL_LOSS, ([], []))[0]
         rows.append(
             [
                 t.run_id,
@@ -448,8 +444,8 @@ def section_runs(doc: Doc, configs, factors_x) -> None:
                     t.run_id,
                     c.id,
                     t.seed,
-                    fmt(m("val/loss", math.nan)),
-                    fmt(m("val/ppl", math.nan), 2),
+                    fmt(m(Metric.VAL_LOSS, math.nan)),
+                    fmt(m(Metric.VAL_PPL, math.nan), 2),
                     *[fmt(m(k, math.nan), 2) for _, k in factors_x],
                     *[fmt(m(k, math.nan), 1) for k in COST_KEYS],
                     fmt(t.wall_s if t.wall_s is not None else math.nan, 1),
@@ -479,12 +475,14 @@ def report_run(client, study: Study) -> tuple[str, str]:
         return study.parent_run_id, ""
     from mlflow.entities import ViewType
 
-    found = client.search_runs([study.experiment_id], "tags.report = 'true'", ViewType.ACTIVE_ONLY, max_results=1)
+    found = client.search_runs(
+        [study.experiment_id], f"tags.{Tag.REPORT} = '{TRUE}'", ViewType.ACTIVE_ONLY, max_results=1
+    )
     run_id = (
         found[0].info.run_id
         if found
         else client.create_run(
-            study.experiment_id, run_name="report", tags={"report": "true", "study": study.name}
+            study.experiment_id, run_name="report", tags={Tag.REPORT: TRUE, Tag.STUDY: study.name}
         ).info.run_id
     )
     return run_id, (
@@ -516,8 +514,8 @@ def build_report(
     # The Optuna study: the one the sweep recorded on its parent run ("<storage>#<name>"), else
     # the study's name in --optuna-storage / ./optuna.db.
     optuna_study = study_name
-    if optuna_storage is None and "#" in study.parent_tags.get("optuna_study", ""):
-        optuna_storage, _, optuna_study = study.parent_tags["optuna_study"].rpartition("#")
+    if optuna_storage is None and "#" in study.parent_tags.get(Tag.OPTUNA_STUDY, ""):
+        optuna_storage, _, optuna_study = study.parent_tags[Tag.OPTUNA_STUDY].rpartition("#")
     optuna_storage = optuna_storage or f"sqlite:///{Path.cwd() / 'optuna.db'}"
     configs, extra = group_configurations(study.trials)
     out_dir = Path(out) / study_name
@@ -529,7 +527,7 @@ def build_report(
 
     factors_x = extrap_factors(configs)
     n_failed = sum(t.status == "FAILED" for t in study.trials)
-    n_pruned = sum(t.tags.get("pruned") == "true" for t in study.trials)
+    n_pruned = sum(t.tags.get(Tag.PRUNED) == TRUE for t in study.trials)
     doc = Doc(out_dir)
     doc.h(1, f"Study `{study_name}`")
     doc.p(
@@ -552,5 +550,5 @@ def build_report(
     md.write_text(doc.markdown())
     page.write_text(doc.html(f"Study {study_name}"))
     if log_artifacts:
-        client.log_artifacts(target, str(out_dir), artifact_path="report")
+        client.log_artifacts(target, str(out_dir), artifact_path=Artifact.REPORT)
     return Report(out_dir, md, page, images, configs, target or "")

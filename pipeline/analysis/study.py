@@ -1,6 +1,6 @@
 """A study as MLflow holds it: its trials, and their configurations with the seeds pooled.
 
-Schema read (design.md): experiment = study; trials are the experiment's runs other than the
+Schema read (pipeline.tracking.schema): experiment = study; trials are the experiment's runs other than the
 sweep parents (tag sweep=true); tags pos_enc/norm/attention/ffn/seed; params = the resolved
 config flattened to dotted keys. A configuration is a trial's params minus the run-specific
 ones (seeds, tracking, paths), so the seeds of one configuration are pooled.
@@ -18,6 +18,7 @@ import numpy as np
 from pipeline.analysis.effects import Factorial
 from pipeline.model.families import FAMILIES
 from pipeline.model.presets import ARCHITECTURES
+from pipeline.tracking.schema import TRUE, Metric, Param, Tag
 
 # Default reference levels: the GPT-2 baseline, the question being "what does RoPE buy over
 # learned positions, RMSNorm over LayerNorm, ...". A family whose GPT-2 level is not in the
@@ -58,14 +59,14 @@ class Trial:
 
     @property
     def seed(self) -> str:
-        return self.tags.get("seed", self.params.get("seed", "?"))
+        return self.tags.get(Tag.SEED, self.params.get(Param.SEED, "?"))
 
     @property
     def short_id(self) -> str:
         return self.run_id[:8]
 
     def component(self, family: str) -> str:
-        return self.tags.get(family) or self.params.get(f"model.{family}.name", "?")
+        return self.tags.get(family) or self.params.get(Param.component(family), "?")
 
 
 @dataclass
@@ -97,7 +98,7 @@ def _search_all(client, experiment_id: str) -> list:
 
 
 def load_study(
-    client, name: str, tracking_uri: str, curve_keys: Sequence[str] = ("val/loss", "train/tokens_seen")
+    client, name: str, tracking_uri: str, curve_keys: Sequence[str] = (Metric.VAL_LOSS, Metric.TRAIN_TOKENS_SEEN)
 ) -> Study:
     exp = client.get_experiment_by_name(name)
     if exp is None:
@@ -108,11 +109,11 @@ def load_study(
     parent, parent_tags, trials = None, {}, []
     for r in _search_all(client, exp.experiment_id):  # newest first
         tags = dict(r.data.tags)
-        if tags.get("sweep") == "true":
+        if tags.get(Tag.SWEEP) == TRUE:
             if parent is None:
                 parent, parent_tags = r.info.run_id, tags
             continue
-        if tags.get("report") == "true":  # a run this module created to hold a report
+        if tags.get(Tag.REPORT) == TRUE:  # a run this module created to hold a report
             continue
         end, start = r.info.end_time, r.info.start_time
         t = Trial(
@@ -222,7 +223,7 @@ def group_configurations(trials: Sequence[Trial]) -> tuple[list[Configuration], 
         levels = {f: labels[t0.run_id][f] for f in FAMILIES}
         levels.update({k: t0.params.get(k, "-") for k in extra})
         configs.append(Configuration("", levels, sorted(group, key=lambda t: t.seed)))
-    configs.sort(key=lambda c: (math.isnan(c.stat("val/loss")[0]), c.stat("val/loss")[0]))
+    configs.sort(key=lambda c: (math.isnan(c.stat(Metric.VAL_LOSS)[0]), c.stat(Metric.VAL_LOSS)[0]))
     for i, c in enumerate(configs, 1):
         c.id = f"C{i}"
     return configs, extra

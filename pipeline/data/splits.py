@@ -6,7 +6,6 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -29,16 +28,6 @@ class TokenSplits:
     eos_id: int | None = None
     split_by: str = "document"  # document, or contiguous when there were too few documents
     documents: dict[str, int] = field(default_factory=dict)  # documents per split
-
-    def summary(self) -> dict[str, Any]:
-        """Numbers worth logging with a run."""
-        return {
-            **{f"{s}_tokens": int(len(getattr(self, s))) for s in SPLITS},
-            **{f"{s}_documents": self.documents.get(s, 0) for s in SPLITS},
-            "vocab_size": self.vocab_size,
-            "split_by": self.split_by,
-            "cache_hit": self.cache_hit,
-        }
 
 
 def split_documents(lengths: Sequence[int], val_fraction: float, test_fraction: float, seed: int):

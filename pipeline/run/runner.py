@@ -1,17 +1,25 @@
-"""One run end to end: data, model, Lightning training, evaluation, MLflow record."""
+"""One run end to end: data, model, Lightning training, evaluation, MLflow record.
+
+`run` reads as the list of its steps; each step is a function below. The MLflow run's status
+(FINISHED, FAILED with the reason, KILLED when pruned or interrupted) is set in one place,
+`pipeline.tracking.runs.tracked_run`. Names of what is logged: pipeline.tracking.schema.
+"""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.data import LMDataModule
 from pipeline.run.spec import RunConfigError, RunSpec
+from pipeline.tracking.schema import Artifact, Metric, Tag
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from pipeline.model import DecoderLM, ModelConfig
 
 
 def run(
@@ -27,18 +35,33 @@ def run(
     The store: `tracking_uri` (the caller's explicit choice), else `tracking.uri`, else
     MLFLOW_TRACKING_URI, else ./mlflow.db."""
     import lightning as L
-    import mlflow
-    from hydra.utils import instantiate
 
-    from pipeline.run.callbacks import Throughput
-    from pipeline.run.module import LitDecoderLM
     from pipeline.tracking import resolve_tracking_uri, runs
-    from pipeline.tracking.plots import plot_loss_curves
-    from pipeline.tracking.sweep import trial_callbacks
 
     # Lightning's per-run banners (accelerator, tips) repeat 90 times in a sweep; keep warnings.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    dm = prepare_data(cfg, spec)
+    model_cfg = replace(spec.model, vocab_size=dm.vocab_size)  # the tokenizer decides the vocabulary
+
+    uri = resolve_tracking_uri(tracking_uri or cfg.tracking.uri)
+    tags = {**run_tags(cfg, spec, model_cfg), **(extra_tags or {})}
+    with runs.tracked_run(uri, cfg.study, run_name(cfg, model_cfg), tags, cfg.tracking.system_metrics) as active:
+        record_config(cfg, spec, model_cfg, overrides, dm)
+        model, val_loss = train(cfg, spec, model_cfg, dm, runs.lightning_logger(uri, active.info.run_id))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.eval.get("enabled", True):
+            evaluate(cfg, model, dm, out_dir)
+        record_loss_curves(uri, active.info.run_id, out_dir)
+    return val_loss
+
+
+# -- the steps ------------------------------------------------------------------------------------
+
+
+def prepare_data(cfg: DictConfig, spec: RunSpec) -> LMDataModule:
+    """Load (or tokenize and cache) the splits; refuse, before any MLflow run exists, a test
+    split too short for one evaluation window."""
     dm = LMDataModule(
         spec.data, spec.model.context_length, spec.batch_size, seed=cfg.seed, val_batches=spec.val_batches
     )
@@ -51,55 +74,93 @@ def run(
             f"max(eval.factors)={max(factors)} x model.context_length={spec.model.context_length}; "
             f"use more text, a larger data.test_fraction, or smaller eval.factors"
         )
-    model_cfg = replace(spec.model, vocab_size=dm.vocab_size)
+    return dm
+
+
+def run_tags(cfg: DictConfig, spec: RunSpec, model_cfg: ModelConfig) -> dict[str, str]:
+    """The tags every training run carries (pipeline.tracking.schema.Tag)."""
+    from pipeline.tracking.runs import git_commit
+
+    return {
+        **{family: getattr(model_cfg, family).name for family in Tag.FAMILIES},
+        Tag.PLACEMENT: model_cfg.placement,
+        Tag.STUDY: cfg.study,
+        Tag.SEED: str(cfg.seed),
+        Tag.GIT_COMMIT: git_commit(),
+        **({Tag.PRESET: spec.preset} if spec.preset else {}),
+    }
+
+
+def run_name(cfg: DictConfig, model_cfg: ModelConfig) -> str:
+    """`tracking.run_name`, else the components and the seed: `rope-rmsnorm-gqa-swiglu-s0`."""
+    components = "-".join(getattr(model_cfg, family).name for family in Tag.FAMILIES)
+    return cfg.tracking.run_name or f"{components}-s{cfg.seed}"
+
+
+def resolved_config(cfg: DictConfig, spec: RunSpec, model_cfg: ModelConfig) -> dict[str, Any]:
+    """The config as run: Hydra's, with the model as built (vocabulary, table length, preset)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved["model"] = {**model_cfg.to_dict(), "preset": spec.preset}
+    return resolved
 
-    uri = resolve_tracking_uri(tracking_uri or cfg.tracking.uri)
-    tags = {
-        "pos_enc": model_cfg.pos_enc.name,
-        "norm": model_cfg.norm.name,
-        "attention": model_cfg.attention.name,
-        "ffn": model_cfg.ffn.name,
-        "placement": model_cfg.placement,
-        "study": cfg.study,
-        "seed": str(cfg.seed),
-        "git_commit": runs.git_commit(),
-        **({"preset": spec.preset} if spec.preset else {}),
-        **(extra_tags or {}),
-    }
-    name = cfg.tracking.run_name or (
-        f"{model_cfg.pos_enc.name}-{model_cfg.norm.name}-{model_cfg.attention.name}-{model_cfg.ffn.name}-s{cfg.seed}"
+
+def record_config(
+    cfg: DictConfig, spec: RunSpec, model_cfg: ModelConfig, overrides: list[str], dm: LMDataModule
+) -> None:
+    """Params (the resolved config, flattened), config.yaml (what rerun starts from), the overrides."""
+    import mlflow
+
+    from pipeline.tracking import runs
+
+    resolved = resolved_config(cfg, spec, model_cfg)
+    runs.log_params(runs.flatten(resolved))
+    mlflow.log_text(OmegaConf.to_yaml(OmegaConf.create(resolved)), Artifact.CONFIG)
+    mlflow.log_text("\n".join(overrides) + "\n", Artifact.OVERRIDES)
+    mlflow.set_tag(Tag.CACHE_HIT, str(dm.splits.cache_hit).lower())
+
+
+def train(
+    cfg: DictConfig, spec: RunSpec, model_cfg: ModelConfig, dm: LMDataModule, logger: Any
+) -> tuple[DecoderLM, float]:
+    """Fit the model; returns it and the final val/loss. Training throughput is
+    logged as a cost metric; an interrupted fit raises KeyboardInterrupt (the run ends KILLED)."""
+    import mlflow
+    from hydra.utils import instantiate
+
+    from pipeline.run.callbacks import Throughput
+    from pipeline.run.module import LitDecoderLM
+    from pipeline.tracking.sweep import trial_callbacks
+
+    lit = LitDecoderLM(model_cfg, spec.optim, spec.max_steps)
+    throughput = Throughput()
+    trainer = instantiate(cfg.trainer, logger=logger, callbacks=[throughput, *trial_callbacks(cfg)])
+    trainer.fit(lit, datamodule=dm)
+    if trainer.interrupted:
+        raise KeyboardInterrupt("training interrupted")
+    if throughput.tokens_per_s:
+        mlflow.log_metric(Metric.COST_TRAIN_TOKENS_PER_S, throughput.tokens_per_s)
+    return lit.model, float(trainer.callback_metrics[Metric.VAL_LOSS])
+
+
+def evaluate(cfg: DictConfig, model: DecoderLM, dm: LMDataModule, out_dir: Path) -> None:
+    """Extrapolation and inference cost on the test split; metrics and plots to the run."""
+    import mlflow
+
+    from pipeline.evaluate import evaluate_run
+
+    device = next(model.parameters()).device
+    metrics, artifacts = evaluate_run(
+        model.eval(), dm.test_tokens(), OmegaConf.to_container(cfg.eval, resolve=True), device, out_dir
     )
-    with runs.tracked_run(uri, cfg.study, name, tags, cfg.tracking.system_metrics) as active:
-        run_id = active.info.run_id
-        runs.log_params(runs.flatten(resolved))
-        mlflow.log_text(OmegaConf.to_yaml(OmegaConf.create(resolved)), "config.yaml")
-        mlflow.log_text("\n".join(overrides) + "\n", "overrides.txt")
-        mlflow.set_tag("cache_hit", str(dm.splits.cache_hit).lower())
+    mlflow.log_metrics(metrics)
+    for path in artifacts:
+        mlflow.log_artifact(str(path), Artifact.PLOTS)
 
-        lit = LitDecoderLM(model_cfg, spec.optim, spec.max_steps)
-        throughput = Throughput()
-        trainer = instantiate(
-            cfg.trainer, logger=runs.lightning_logger(uri, run_id), callbacks=[throughput, *trial_callbacks(cfg)]
-        )
-        trainer.fit(lit, datamodule=dm)
-        if trainer.interrupted:
-            raise KeyboardInterrupt("training interrupted")
-        val_loss = float(trainer.callback_metrics["val/loss"])
 
-        if throughput.tokens_per_s:
-            mlflow.log_metric("cost/train_tokens_per_s", throughput.tokens_per_s)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.eval.get("enabled", True):
-            from pipeline.evaluate import evaluate_run
+def record_loss_curves(uri: str, run_id: str, out_dir: Path) -> None:
+    """The loss-curve plot, drawn from what MLflow recorded."""
+    import mlflow
 
-            device = next(lit.model.parameters()).device
-            metrics, artifacts = evaluate_run(
-                lit.model.eval(), dm.test_tokens(), OmegaConf.to_container(cfg.eval, resolve=True), device, out_dir
-            )
-            mlflow.log_metrics(metrics)
-            for path in artifacts:
-                mlflow.log_artifact(str(path), "plots")
-        mlflow.log_artifact(str(plot_loss_curves(uri, run_id, out_dir / "loss_curve.png")), "plots")
-    return val_loss
+    from pipeline.tracking.plots import plot_loss_curves
+
+    mlflow.log_artifact(str(plot_loss_curves(uri, run_id, out_dir / "loss_curve.png")), Artifact.PLOTS)

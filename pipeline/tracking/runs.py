@@ -15,6 +15,8 @@ from typing import Any
 import mlflow
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
+from pipeline.tracking.schema import FAILURE_REASON_MAX, TRUE, Tag
+
 PARENT_ENV = "PIPELINE_PARENT_RUN_ID"  # set by the sweep callback for its child runs
 TRIAL_ENV = "PIPELINE_TRIAL_NUMBER"
 REPO = Path(__file__).resolve().parents[2]
@@ -54,7 +56,7 @@ def start_run(uri: str, study: str, run_name: str, tags: dict[str, str], system_
     mlflow.set_experiment(study)
     tags = dict(tags)
     if os.environ.get(TRIAL_ENV):
-        tags["trial"] = os.environ[TRIAL_ENV]
+        tags[Tag.TRIAL] = os.environ[TRIAL_ENV]
     return mlflow.start_run(
         run_name=run_name,
         tags=tags,
@@ -70,11 +72,11 @@ def log_params(params: dict[str, Any]) -> None:
         mlflow.log_params(dict(items[i : i + MAX_PARAMS_TAGS_PER_BATCH]))
 
 
-def end_run(status: str, reason: str | None = None, **tags: str) -> None:
+def end_run(status: str, reason: str | None = None, tags: dict[str, str] | None = None) -> None:
     """End the active run as FINISHED, FAILED or KILLED, with the reason as a tag."""
     if reason:
-        mlflow.set_tag("failure_reason", reason[:5000])
-    for key, value in tags.items():
+        mlflow.set_tag(Tag.FAILURE_REASON, reason[:FAILURE_REASON_MAX])
+    for key, value in (tags or {}).items():
         mlflow.set_tag(key, value)
     mlflow.end_run(status=status)
 
@@ -91,7 +93,7 @@ def tracked_run(
         try:
             yield active
         except optuna.TrialPruned as e:
-            end_run("KILLED", None, pruned="true", pruned_reason=str(e) or "pruned")
+            end_run("KILLED", None, {Tag.PRUNED: TRUE, Tag.PRUNED_REASON: str(e) or "pruned"})
             raise
         except (KeyboardInterrupt, SystemExit) as e:
             end_run("KILLED", f"interrupted: {type(e).__name__}")

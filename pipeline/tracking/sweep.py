@@ -26,11 +26,12 @@ from hydra_plugins.pipeline_optuna_sweeper import current_trial, last_summary
 from hydra_plugins.pipeline_optuna_sweeper.study import worker, worker_dead
 from hydra_plugins.pipeline_optuna_sweeper.sweeper import format_summary, resolve_storage
 from pipeline.tracking.runs import PARENT_ENV, TRIAL_ENV
+from pipeline.tracking.schema import TRUE, Artifact, Metric, Tag, sweep_outcome, sweep_runs
 from pipeline.tracking.uri import resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
-OBJECTIVE = "val/loss"
+OBJECTIVE = Metric.VAL_LOSS
 
 
 # -- inside a trial: pruning -------------------------------------------------------------------
@@ -76,23 +77,23 @@ class MLflowSweepCallback(HydraCallback):
         exp_id = exp.experiment_id if exp else self.client.create_experiment(study)
         key = _optuna_study_key(config)
         tags = {
-            "sweep": "true",
-            "study": study,
-            "sweeper": "optuna" if key else "basic",
-            "worker": worker(),
-            "mlflow.runName": f"sweep-{study}",
+            Tag.SWEEP: TRUE,
+            Tag.STUDY: study,
+            Tag.SWEEPER: "optuna" if key else "basic",
+            Tag.WORKER: worker(),
+            Tag.RUN_NAME: f"sweep-{study}",
         }
         parent = self._find_parent(exp_id, key) if key else None
         if parent is None:
             self.parent_id = self.client.create_run(
-                exp_id, run_name=f"sweep-{study}", tags={**tags, **({"optuna_study": key} if key else {})}
+                exp_id, run_name=f"sweep-{study}", tags={**tags, **({Tag.OPTUNA_STUDY: key} if key else {})}
             ).info.run_id
         else:  # the same Optuna study again: resume its parent run
             self.parent_id = parent.info.run_id
-            if worker_dead(parent.data.tags.get("worker", "")):
+            if worker_dead(parent.data.tags.get(Tag.WORKER, "")):
                 self._kill_orphans(exp_id)
             self.client.update_run(self.parent_id, status="RUNNING")
-            self.client.set_tag(self.parent_id, "worker", worker())
+            self.client.set_tag(self.parent_id, Tag.WORKER, worker())
             log.info("resuming sweep parent run %s", self.parent_id)
         os.environ[PARENT_ENV] = self.parent_id
         atexit.register(self._close, "FAILED")  # a sweep that raises never reaches on_multirun_end
@@ -112,11 +113,11 @@ class MLflowSweepCallback(HydraCallback):
             c.log_metric(self.parent_id, name, value)
         for name, value in summary["tags"].items():
             c.set_tag(self.parent_id, name, value)
-        c.log_text(self.parent_id, json.dumps(summary, indent=2, default=str), "sweep_summary.json")
-        c.log_text(self.parent_id, summary["table"], "sweep_summary.txt")
+        c.log_text(self.parent_id, json.dumps(summary, indent=2, default=str), Artifact.SWEEP_SUMMARY_JSON)
+        c.log_text(self.parent_id, summary["table"], Artifact.SWEEP_SUMMARY_TXT)
         out = Path("reports") / str(config.study)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "sweep_summary.txt").write_text(summary["table"] + "\n")
+        (out / Artifact.SWEEP_SUMMARY_TXT).write_text(summary["table"] + "\n")
         print(summary["table"])
         self._close("FINISHED")
 
@@ -125,7 +126,7 @@ class MLflowSweepCallback(HydraCallback):
     def _find_parent(self, exp_id: str, key: str) -> Any:
         runs = self.client.search_runs(
             [exp_id],
-            filter_string=f"tags.optuna_study = '{key}'",
+            filter_string=f"tags.{Tag.OPTUNA_STUDY} = '{key}'",
             order_by=["attributes.start_time DESC"],
             max_results=1,
         )
@@ -134,14 +135,14 @@ class MLflowSweepCallback(HydraCallback):
     def _children(self, exp_id: str | None = None) -> list[Any]:
         exp_id = exp_id or self.client.get_run(self.parent_id).info.experiment_id
         return self.client.search_runs(
-            [exp_id], filter_string=f"tags.mlflow.parentRunId = '{self.parent_id}'", max_results=10000
+            [exp_id], filter_string=f"tags.{Tag.PARENT_RUN_ID} = '{self.parent_id}'", max_results=10000
         )
 
     def _kill_orphans(self, exp_id: str) -> None:
         """Child runs left RUNNING by a process that died (SIGKILL, power loss) end KILLED."""
         for run in self._children(exp_id):
             if run.info.status == "RUNNING":
-                self.client.set_tag(run.info.run_id, "failure_reason", "interrupted: the sweep process died")
+                self.client.set_tag(run.info.run_id, Tag.FAILURE_REASON, "interrupted: the sweep process died")
                 self.client.set_terminated(run.info.run_id, status="KILLED")
                 log.warning("child run %s was left RUNNING by a dead sweep: marked KILLED", run.info.run_id)
 
@@ -150,20 +151,20 @@ class MLflowSweepCallback(HydraCallback):
         by_status: dict[str, int] = {}
         for r in runs:
             by_status[r.info.status] = by_status.get(r.info.status, 0) + 1
-        metrics = {f"sweep/runs_{s.lower()}": float(n) for s, n in by_status.items()}
+        metrics = {sweep_runs(s): float(n) for s, n in by_status.items()}
         tags: dict[str, str] = {}
         done = [r for r in runs if r.info.status == "FINISHED" and OBJECTIVE in r.data.metrics]
         if done:
             best = min(done, key=lambda r: r.data.metrics[OBJECTIVE])
-            metrics[f"sweep/best_{OBJECTIVE.replace('/', '_')}"] = best.data.metrics[OBJECTIVE]
-            tags.update(best_run_id=best.info.run_id, best_run_name=best.info.run_name or "")
+            metrics[Metric.SWEEP_BEST_VAL_LOSS] = best.data.metrics[OBJECTIVE]
+            tags.update({Tag.BEST_RUN_ID: best.info.run_id, Tag.BEST_RUN_NAME: best.info.run_name or ""})
         optuna_summary = last_summary()
         if optuna_summary is not None:
             for k, n in optuna_summary["counts"].items():
-                metrics[f"sweep/{k}"] = float(n)
+                metrics[sweep_outcome(k)] = float(n)
             if optuna_summary["best"]:
                 b = optuna_summary["best"]
-                tags.update(best_trial=str(b["number"]), best_params=json.dumps(b["params"]))
+                tags.update({Tag.BEST_TRIAL: str(b["number"]), Tag.BEST_PARAMS: json.dumps(b["params"])})
             table = format_summary(optuna_summary)
         else:
             rows = sorted(runs, key=lambda r: r.data.metrics.get(OBJECTIVE, float("inf")))

@@ -1,4 +1,4 @@
-"""Log a small synthetic study into a real MLflow store with the schema of design.md.
+"""Log a small synthetic study into a real MLflow store with the schema of pipeline.tracking.schema.
 
 Values are made up but the layout is the training code's: a parent run tagged sweep=true,
 child runs with component tags, dotted params, curves with steps, extrap/cost/moe metrics; a

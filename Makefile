@@ -7,10 +7,14 @@ STAMP := $(VENV)/.installed
 STUDY ?= full_grid
 ARGS ?=
 PORT ?= 5000
+HOST ?= 127.0.0.1
+# make server: the tracking server's database and artifact root (README: Scaling out).
+BACKEND ?= sqlite:///mlflow.db
+ARTIFACTS ?= mlartifacts
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install lint format test test-slow ablate ui report cost bench gpu-check clean
+.PHONY: help install lint format test test-slow ablate ui server report cost bench gpu-check clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -49,6 +53,12 @@ report: $(STAMP) ## Rebuild a study's comparison report from MLflow: make report
 
 ui: $(STAMP) ## MLflow UI on 127.0.0.1:$(PORT) over the same store (honours MLFLOW_TRACKING_URI)
 	$(BIN)/mlflow ui --host 127.0.0.1 --port $(PORT) --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}"
+
+server: $(STAMP) ## MLflow tracking server: make server [HOST=127.0.0.1] [PORT=5000] [BACKEND=sqlite:///mlflow.db|postgresql+psycopg2://...] [ARTIFACTS=mlartifacts]
+	@# Bound to 127.0.0.1 unless HOST= says otherwise; beyond this machine also pass
+	@# SERVER_ARGS="--allowed-hosts HOST:PORT --cors-allowed-origins https://..." (README: Scaling out).
+	$(BIN)/mlflow server --host $(HOST) --port $(PORT) --backend-store-uri "$(BACKEND)" \
+		--artifacts-destination "$(ARTIFACTS)" $(SERVER_ARGS)
 
 cost: $(STAMP) ## Analytic inference-cost table, no training: make cost ARGS="model=llama"
 	$(BIN)/python -m pipeline.cost $(ARGS)

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,7 +64,12 @@ def prepare_data(cfg: DictConfig, spec: RunSpec) -> LMDataModule:
     """Load (or tokenize and cache) the splits; refuse, before any MLflow run exists, a test
     split too short for one evaluation window."""
     dm = LMDataModule(
-        spec.data, spec.model.context_length, spec.batch_size, seed=cfg.seed, val_batches=spec.val_batches
+        spec.data,
+        spec.model.context_length,
+        spec.batch_size,
+        seed=cfg.seed,
+        val_batches=spec.val_batches,
+        pin_memory=_on_cuda(cfg.trainer.accelerator),  # page-locked batches copy to the GPU asynchronously
     )
     dm.setup("fit")
     factors = cfg.eval.get("factors", [1])
@@ -101,6 +107,7 @@ def resolved_config(cfg: DictConfig, spec: RunSpec, model_cfg: ModelConfig) -> d
     """The config as run: Hydra's, with the model as built (vocabulary, table length, preset)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved["model"] = {**model_cfg.to_dict(), "preset": spec.preset}
+    resolved["trainer"]["val_check_interval"] = spec.val_check_interval  # the value used
     return resolved
 
 
@@ -129,14 +136,27 @@ def train(
 
     from pipeline.run.callbacks import Throughput
     from pipeline.run.module import LitDecoderLM
-    from pipeline.tracking.sweep import trial_callbacks
+    from pipeline.tracking.sweep import trial_callbacks, trial_trainer_kwargs
 
-    lit = LitDecoderLM(model_cfg, spec.optim, spec.max_steps)
-    throughput = Throughput()
-    trainer = instantiate(cfg.trainer, logger=logger, callbacks=[throughput, *trial_callbacks(cfg)])
+    on_cuda = _on_cuda(cfg.trainer.accelerator)
+    # On a GPU the finite-loss check and the throughput clock sync with the host only every few
+    # steps, not every step (a sync stalls the kernel queue).
+    lit = LitDecoderLM(model_cfg, spec.optim, spec.max_steps, check_finite_every=10 if on_cuda else 1)
+    throughput = Throughput(sync=on_cuda)
+    trainer = instantiate(
+        cfg.trainer,
+        val_check_interval=spec.val_check_interval,
+        logger=logger,
+        callbacks=[throughput, *trial_callbacks(cfg)],
+        **trial_trainer_kwargs(),
+    )
+    tic = time.perf_counter()
     trainer.fit(lit, datamodule=dm)
     if trainer.interrupted:
         raise KeyboardInterrupt("training interrupted")
+    lit.check_finite()  # the steps since the last check
+    # Training's share of the trial: with eval/seconds, the rest of a trial is overhead.
+    mlflow.log_metric(Metric.TRAIN_SECONDS, time.perf_counter() - tic)
     if throughput.tokens_per_s:
         mlflow.log_metric(Metric.COST_TRAIN_TOKENS_PER_S, throughput.tokens_per_s)
     return lit.model, float(trainer.callback_metrics[Metric.VAL_LOSS])
@@ -164,3 +184,9 @@ def record_loss_curves(uri: str, run_id: str, out_dir: Path) -> None:
     from pipeline.tracking.plots import plot_loss_curves
 
     mlflow.log_artifact(str(plot_loss_curves(uri, run_id, out_dir / "loss_curve.png")), Artifact.PLOTS)
+
+
+def _on_cuda(accelerator: str) -> bool:
+    import torch
+
+    return accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()

@@ -6,6 +6,7 @@ here reads data or creates a run.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,8 @@ from pipeline.evaluate import EvalConfig
 from pipeline.evaluate.extrapolation import check_factors
 from pipeline.model import ConfigError, ModelConfig
 from pipeline.run.optim import OptimConfig
+
+log = logging.getLogger(__name__)
 
 
 class RunConfigError(ValueError):
@@ -37,6 +40,7 @@ class RunSpec:
     val_batches: int
     optim: OptimConfig
     max_steps: int
+    val_check_interval: int  # at most max_steps: a shortened run still validates at its end
 
 
 def _require(key: str, value: Any, ok: bool, valid: str) -> None:
@@ -70,11 +74,11 @@ def validate_config(cfg: DictConfig) -> RunSpec:
     )
     every = t.get("val_check_interval")
     _require(
-        "trainer.val_check_interval",
-        every,
-        isinstance(every, int) and 0 < every <= steps,
-        f"use an integer number of steps between 1 and trainer.max_steps={steps}",
+        "trainer.val_check_interval", every, isinstance(every, int) and every > 0, "use a positive number of steps"
     )
+    if every > steps:  # e.g. trainer.max_steps=40 under a budget that validates every 100
+        log.info("trainer.val_check_interval=%d > trainer.max_steps=%d: validating every %d steps", every, steps, steps)
+        every = steps
     check_keys("optimizer", c["optimizer"], OptimConfig, RunConfigError)
     o = OptimConfig(**c["optimizer"])
     _require("optimizer.lr", o.lr, o.lr > 0, "use a positive learning rate")
@@ -85,7 +89,7 @@ def validate_config(cfg: DictConfig) -> RunSpec:
         "use a non-negative integer",
     )
     _require("optimizer.weight_decay", o.weight_decay, o.weight_decay >= 0, "use a non-negative value")
-    return RunSpec(model_cfg, preset, data_cfg, batch_size, val_batches, o, steps)
+    return RunSpec(model_cfg, preset, data_cfg, batch_size, val_batches, o, steps, every)
 
 
 def model_from_config(c: dict[str, Any]) -> tuple[ModelConfig, str | None]:

@@ -52,11 +52,16 @@ def git_commit() -> str:
 
 def start_run(uri: str, study: str, run_name: str, tags: dict[str, str], system_metrics: bool) -> mlflow.ActiveRun:
     """Start a run in the study's experiment; a child of the sweep's parent run when inside one."""
+    from hydra_plugins.pipeline_optuna_sweeper.study import worker
+    from pipeline.tracking.stores import prepared
+
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(study)
+    with prepared(uri):  # a fresh store is migrated once, the experiment created once
+        mlflow.set_experiment(study)
     tags = dict(tags)
     if os.environ.get(TRIAL_ENV):
         tags[Tag.TRIAL] = os.environ[TRIAL_ENV]
+        tags[Tag.WORKER] = worker()  # host:pid; a resumed sweep ends a dead worker's run KILLED
     return mlflow.start_run(
         run_name=run_name,
         tags=tags,

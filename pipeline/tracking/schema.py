@@ -73,6 +73,7 @@ class Metric:
     MOE_DROPPED = "moe/dropped"  # share of assignments over the capacity factor
     # Evaluation, once after training
     EVAL_SECONDS = "eval/seconds"  # wall time of the whole evaluation (its share of a trial)
+    TRAIN_SECONDS = "train/seconds"  # wall time of training (with eval/seconds: a trial's overhead)
     # Inference cost (pipeline.evaluate.cost): analytic ...
     COST_PARAMS_TOTAL = "cost/params_total"
     COST_PARAMS_ACTIVE = "cost/params_active"  # per token: top_k of n_experts for MoE

@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 STUDY ?= full_grid
+WORKERS ?= auto
 ARGS ?=
 PORT ?= 5000
 HOST ?= 127.0.0.1
@@ -43,9 +44,9 @@ test: $(STAMP) ## Run the test suite (CPU, offline; slow and gpu tests left out)
 test-slow: $(STAMP) ## Run only the slow tests (extrapolation on real text, long sweeps)
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
-ablate: $(STAMP) ## Run a study: make ablate [STUDY=full_grid] [ARGS="..."], then write its report
+ablate: $(STAMP) ## Run a study: make ablate [STUDY=full_grid] [WORKERS=auto|N] [ARGS="..."], then its report
 	@# The report is written even when some trials failed; make then exits with the sweep's status.
-	$(BIN)/python -m pipeline.train -m ablation=$(STUDY) $(ARGS); status=$$?; \
+	$(BIN)/python -m pipeline.train -m ablation=$(STUDY) hydra.sweeper.workers=$(WORKERS) $(ARGS); status=$$?; \
 	$(BIN)/python -m pipeline.report --study $(STUDY) && exit $$status
 
 report: $(STAMP) ## Rebuild a study's comparison report from MLflow: make report STUDY=name

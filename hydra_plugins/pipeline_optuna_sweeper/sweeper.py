@@ -260,19 +260,22 @@ class OptunaSweeper(Sweeper):
                 progress.update(studies)
                 for w in [w for w in running if w.proc.poll() is not None]:
                     running.remove(w)
-                    if w.proc.returncode != 0:
-                        crashed.append(f"worker {w.slot.index} exited with {w.proc.returncode} ({w.log_path})")
-                        log.error("%s; last lines:\n%s", crashed[-1], workers_lib.tail(w.log_path))
-                        for s in studies:  # its trial goes back to the queue for the others
-                            with store_lock(resolve_storage(self.storage)):
-                                study_lib.recover(s, retry_failed=False)
+                    if w.proc.returncode == 0:
+                        continue
+                    crashed.append(f"worker {w.slot.index} exited with {w.proc.returncode} ({w.log_path})")
+                    log.error("%s; last lines:\n%s", crashed[-1], workers_lib.tail(w.log_path))
+                    with store_lock(resolve_storage(self.storage)):
+                        for s in studies:  # its trial goes back to the queue
+                            study_lib.recover(s, retry_failed=False)
+                    if _n_waiting(studies) and len(crashed) <= len(slots):  # a replacement, not a crash loop
+                        running.append(workers_lib.start(cmd, w.slot, log_dir))
         except BaseException:
             workers_lib.stop(running)
             raise
         finally:
             progress.update(studies)
             progress.close()
-        left = sum(len(s.get_trials(deepcopy=False, states=(TrialState.WAITING,))) for s in studies)
+        left = _n_waiting(studies)
         if crashed and left:
             raise SweepFailedError(
                 f"{'; '.join(crashed)}; {left} trials are still queued: run the command again to finish them"
@@ -436,6 +439,10 @@ class OptunaSweeper(Sweeper):
                 for t in trials
             ],
         }
+
+
+def _n_waiting(studies: list[optuna.Study]) -> int:
+    return sum(len(s.get_trials(deepcopy=False, states=(TrialState.WAITING,))) for s in studies)
 
 
 def _n_counted(study: optuna.Study) -> int:

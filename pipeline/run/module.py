@@ -69,10 +69,14 @@ class LitDecoderLM(L.LightningModule):
 
     def check_finite(self) -> None:
         """Raise if a training loss since the last check was NaN or infinite."""
-        if self._finite is not None and not bool(self._finite):
-            where = "at step" if self.check_finite_every == 1 else "at or before step"
-            raise FloatingPointError(f"{Metric.TRAIN_LOSS} is {self._last_loss.item()} {where} {self.global_step}")
-        self._finite = None
+        finite, self._finite = self._finite, None
+        if finite is None or bool(finite):
+            return
+        if self.check_finite_every == 1:
+            raise FloatingPointError(f"{Metric.TRAIN_LOSS} is {self._last_loss.item()} at step {self.global_step}")
+        raise FloatingPointError(
+            f"{Metric.TRAIN_LOSS} was not finite at a step up to {self.global_step} (checked every {self.check_finite_every})"
+        )
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch

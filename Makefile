@@ -15,7 +15,7 @@ ARTIFACTS ?= mlartifacts
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install lint format test test-slow ablate ui server report cost bench gpu-check clean
+.PHONY: help install lint format test test-slow ablate ui server report cost bench bench-sweep gpu-check clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -67,6 +67,9 @@ cost: $(STAMP) ## Analytic inference-cost table, no training: make cost ARGS="mo
 bench: $(STAMP) ## Step-time benchmark against a minimal GPT, transformers and x-transformers
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m benchmarks.step_time $(ARGS)
+
+bench-sweep: $(STAMP) ## Time a whole study in a fresh folder (issue 16 targets): make bench-sweep [STUDY=] [WORKERS=]
+	$(BIN)/python -m benchmarks.sweep_time --study $(STUDY) --workers $(WORKERS) $(ARGS)
 
 gpu-check: $(STAMP) ## GPU checks in one script (writes results to $$OUT)
 	$(BIN)/python -m pytest -q -m gpu $${OUT:+--junitxml=$$OUT/gpu-check.xml} $(PYTEST_ARGS)

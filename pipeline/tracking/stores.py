@@ -11,6 +11,7 @@ run, every worker's child runs and metrics). Two things keep those writes from f
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
@@ -47,7 +48,12 @@ def prepared(uri: str) -> Iterator[None]:
         if path is not None and uri not in _READY:
             from mlflow import MlflowClient
 
-            MlflowClient(uri).search_experiments(max_results=1)  # creates and migrates the tables
+            quiet = logging.getLogger("mlflow.store.db.utils")  # "Creating initial MLflow database tables..."
+            level, quiet.level = quiet.level, logging.WARNING
+            try:
+                MlflowClient(uri).search_experiments(max_results=1)  # creates and migrates the tables
+            finally:
+                quiet.setLevel(level)
             with closing(sqlite3.connect(path, timeout=BUSY_TIMEOUT_S)) as con:
                 con.execute("PRAGMA journal_mode=WAL")  # persistent: stored in the file
             _READY.add(uri)

@@ -71,8 +71,9 @@ bench: $(STAMP) ## Step-time benchmark against a minimal GPT, transformers and x
 bench-sweep: $(STAMP) ## Time a whole study in a fresh folder (issue 16 targets): make bench-sweep [STUDY=] [WORKERS=]
 	$(BIN)/python -m benchmarks.sweep_time --study $(STUDY) --workers $(WORKERS) $(ARGS)
 
-gpu-check: $(STAMP) ## GPU checks in one script (writes results to $$OUT)
-	$(BIN)/python -m pytest -q -m gpu $${OUT:+--junitxml=$$OUT/gpu-check.xml} $(PYTEST_ARGS)
+gpu-check: $(STAMP) ## GPU checks: the gpu tests, then trials/hour at 1, 2, 4 slots on one GPU (results to $$OUT)
+	$(BIN)/python -m pytest -q -m gpu $${OUT:+--junitxml=$$OUT/gpu-check.xml} $(PYTEST_ARGS); status=$$?; \
+	$(BIN)/python -m benchmarks.gpu_slots && exit $$status
 
 clean: ## Remove caches and local stores (keeps .venv)
 	rm -rf outputs multirun reports .cache mlflow.db mlruns mlartifacts optuna.db

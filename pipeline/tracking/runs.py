@@ -5,6 +5,7 @@ Every tag and metric name is in `pipeline.tracking.schema`.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+@functools.cache  # one lookup per process: a sweep worker runs the code it imported at start
 def git_commit() -> str:
     try:
         sha = subprocess.run(

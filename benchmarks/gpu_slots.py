@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hydra_plugins.pipeline_optuna_sweeper.workers import default_sigint, visible_gpus
+
 STUDY = "gpu_slots"
 
 
@@ -42,7 +44,7 @@ def measure(slots: int, window: float, overrides: list[str], gpu: str | None) ->
     cmd = [sys.executable, "-m", "pipeline.train", "-m", "ablation=full_grid", f"study={STUDY}"]
     cmd += [f"hydra.sweeper.workers={slots}", *overrides]
     log = open(folder / "sweep.log", "w")
-    proc = subprocess.Popen(cmd, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=default_sigint)
     storage = f"sqlite:///{folder / 'optuna.db'}"
     first_start = None
     deadline = time.monotonic() + window + 300  # start-up is bounded too
@@ -60,6 +62,10 @@ def measure(slots: int, window: float, overrides: list[str], gpu: str | None) ->
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    try:  # nothing of this run may outlive it (its workers)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
     log.close()
     if first_start is None:
         return {"slots": slots, "error": f"no trial started; see {folder / 'sweep.log'}"}
@@ -104,8 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     ap.add_argument("overrides", nargs="*", help="extra sweep overrides (default budget: auto, so gpu with CUDA)")
     args = ap.parse_args(argv)
-    from hydra_plugins.pipeline_optuna_sweeper.workers import visible_gpus
-
     gpus = visible_gpus()
     if not gpus:
         print("no CUDA device: measuring CPU workers instead (numbers are not the GPU budget's)")

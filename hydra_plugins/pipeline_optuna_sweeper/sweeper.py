@@ -229,8 +229,9 @@ class OptunaSweeper(Sweeper):
         return _Study(study, space, target, is_grid)
 
     def _work(self, s: _Study, progress: _Progress | None) -> None:
-        """Claim and run trials of one study until none is left to claim."""
-        while batch := self._claim(s, progress):
+        """Claim and run trials of one study until none is left to claim (or, in a worker,
+        until its coordinator is gone: an orphan finishes its trial and claims no other)."""
+        while workers_lib.coordinator_alive() and (batch := self._claim(s, progress)):
             self._run(s.study, batch, progress)
 
     def _coordinate(self, opened: list[_Study], sweep_dir: Path) -> None:

@@ -27,11 +27,19 @@ from optuna.trial import TrialState
 from . import study as study_lib
 
 ROLE_ENV = "PIPELINE_SWEEP_WORKER"  # set in a worker process: its index
+COORDINATOR_ENV = "PIPELINE_SWEEP_COORDINATOR"  # the coordinator's pid
 THREAD_ENVS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def is_worker() -> bool:
     return ROLE_ENV in os.environ
+
+
+def coordinator_alive() -> bool:
+    """False in a worker whose coordinator is gone (killed): it then claims no further trial.
+    True outside workers."""
+    pid = os.environ.get(COORDINATOR_ENV)
+    return pid is None or os.getppid() == int(pid)
 
 
 @dataclass(frozen=True)
@@ -150,9 +158,19 @@ class Worker:
 def start(cmd: list[str], slot: Slot, log_dir: Path) -> Worker:
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / f"worker-{slot.index}.log"
+    env = {**os.environ, **slot.env(), COORDINATOR_ENV: str(os.getpid())}
     with open(path, "ab") as out:  # the child keeps its own descriptor
-        proc = subprocess.Popen(cmd, env={**os.environ, **slot.env()}, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=default_sigint, close_fds=True
+        )
     return Worker(slot, proc, path)
+
+
+def default_sigint() -> None:
+    """In a child before exec: SIGINT back to its default, so Python turns it into
+    KeyboardInterrupt even when this command runs in the background of a shell script
+    (which starts it with SIGINT ignored, and an ignored signal stays ignored across exec)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def stop(workers: list[Worker], grace_s: float = 30.0) -> None:

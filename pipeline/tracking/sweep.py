@@ -29,7 +29,7 @@ from hydra_plugins.pipeline_optuna_sweeper.study import worker, worker_dead
 from hydra_plugins.pipeline_optuna_sweeper.sweeper import format_summary
 from pipeline.tracking.runs import PARENT_ENV, TRIAL_ENV
 from pipeline.tracking.schema import TRUE, Artifact, Metric, Tag, sweep_outcome, sweep_runs
-from pipeline.tracking.stores import prepared
+from pipeline.tracking.stores import busy_timeout, prepared
 from pipeline.tracking.uri import resolve_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ class MLflowSweepCallback(HydraCallback):
         from mlflow import MlflowClient
 
         uri = resolve_tracking_uri(OmegaConf.select(config, "tracking.uri"))
+        busy_timeout()  # before the client opens its first connection
         self.client = MlflowClient(uri)
         if is_worker() and os.environ.get(PARENT_ENV):  # a worker process: its coordinator's run
             self.parent_id, self.joined = os.environ[PARENT_ENV], True

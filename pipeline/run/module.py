@@ -74,8 +74,9 @@ class LitDecoderLM(L.LightningModule):
             return
         if self.check_finite_every == 1:
             raise FloatingPointError(f"{Metric.TRAIN_LOSS} is {self._last_loss.item()} at step {self.global_step}")
+        every = self.check_finite_every
         raise FloatingPointError(
-            f"{Metric.TRAIN_LOSS} was not finite at a step up to {self.global_step} (checked every {self.check_finite_every})"
+            f"{Metric.TRAIN_LOSS} was not finite at a step up to {self.global_step} (checked every {every})"
         )
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:

@@ -55,7 +55,7 @@ class PowerLaw:
         return f"L = {self.a:.3g} * (C / {self.c0:.3g})^-{self.b:.3g} + {self.c:.3g}"
 
 
-def _huber_fit(x: np.ndarray, L: np.ndarray) -> tuple[float, float, float] | None:
+def _huber_fit(x: np.ndarray, L: np.ndarray, start: PowerLaw | None = None) -> tuple[float, float, float] | None:
     logL, logx = np.log(L), np.log(x)
     e_hi = math.log(L.min())  # c below every observed loss
 
@@ -64,22 +64,29 @@ def _huber_fit(x: np.ndarray, L: np.ndarray) -> tuple[float, float, float] | Non
         pred = logsumexp(np.stack([alpha - b * logx, np.full_like(logx, e)]), axis=0)
         return float(huber(HUBER_DELTA, pred - logL).sum())
 
+    bounds = [(-20, 20), (1e-3, 3.0), (-12, e_hi)]
+    if start is not None:  # a bootstrap refit: start from the full-data fit
+        starts = [np.array([math.log(start.a), start.b, min(math.log(max(start.c, 1e-5)), e_hi)])]
+    else:  # a small grid of starting points, as Hoffmann et al.
+        starts = [
+            np.array([math.log(max(L.max() - frac * L.min(), 1e-6)), b0, math.log(frac * L.min())])
+            for b0 in (0.1, 0.3, 0.8)
+            for frac in (0.3, 0.7, 0.95)
+        ]
     best = None
-    for b0 in (0.1, 0.3, 0.8):
-        for frac in (0.3, 0.7, 0.95):
-            c0 = frac * L.min()
-            start = np.array([math.log(max(L.max() - c0, 1e-6)), b0, math.log(c0)])
-            res = minimize(objective, start, method="L-BFGS-B", bounds=[(-20, 20), (1e-3, 3.0), (-12, e_hi)])
-            if best is None or res.fun < best.fun:
-                best = res
+    for p0 in starts:
+        res = minimize(objective, p0, method="L-BFGS-B", bounds=bounds)
+        if best is None or res.fun < best.fun:
+            best = res
     if best is None or not np.all(np.isfinite(best.x)):
         return None
     alpha, b, e = best.x
     return math.exp(alpha), float(b), math.exp(e)
 
 
-def fit_power_law(compute: Sequence[float], loss: Sequence[float]) -> PowerLaw | None:
-    """Robust fit in log space; None with fewer than two distinct compute values."""
+def fit_power_law(compute: Sequence[float], loss: Sequence[float], start: PowerLaw | None = None) -> PowerLaw | None:
+    """Robust fit in log space; None with fewer than two distinct compute values. `start`: a
+    previous fit of similar data to start from (bootstrap replicates)."""
     C = np.asarray(compute, dtype=float)
     L = np.asarray(loss, dtype=float)
     ok = np.isfinite(C) & np.isfinite(L) & (C > 0) & (L > 0)
@@ -95,7 +102,7 @@ def fit_power_law(compute: Sequence[float], loss: Sequence[float]) -> PowerLaw |
         if -slope <= 0:
             return None
         return PowerLaw(float(np.exp(intercept)), float(-slope), 0.0, c0, False, lo, hi, identifiable=False)
-    fit = _huber_fit(x, L)
+    fit = _huber_fit(x, L, start if start is not None and start.offset_fitted and start.c0 == c0 else None)
     if fit is None:
         return None
     a, b, c = fit
@@ -154,7 +161,7 @@ def multiplier_with_interval(
     Cb, Lb = (np.asarray(v, dtype=float) for v in base_points)
     boots = []
     for _ in range(n_boot):
-        fa, fb = fit_power_law(*_resample(rng, Ca, La)), fit_power_law(*_resample(rng, Cb, Lb))
+        fa, fb = fit_power_law(*_resample(rng, Ca, La), arch_fit), fit_power_law(*_resample(rng, Cb, Lb), base_fit)
         m = compute_multiplier(fa, fb)[0] if fa and fb and fa.identifiable and fb.identifiable else nan
         boots.append(m)
     b = np.array(boots)

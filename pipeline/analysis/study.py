@@ -42,6 +42,9 @@ RUN_SPECIFIC_LEAVES = {
     "tracking_uri",
 }
 RUN_SPECIFIC_ROOTS = {"tracking", "hydra", "paths", "sweep"}
+# An extra param with more distinct values than this was sampled (TPE over a learning rate),
+# not laid out as a grid: it is a column of the tables, not a factor of the effects.
+MAX_GRID_LEVELS = 6
 
 # ---------------------------------------------------------------------------------------------
 # Reading MLflow
@@ -321,10 +324,18 @@ def factors_and_levels(
             by_arch[c.arch].add(level_of(c, f))
         return all(len(v) == 1 for v in by_arch.values())
 
-    factors = [f for f in candidates if len(levels[f]) > 1 and (f in FAMILIES or not follows_components(f))]
+    def sampled(f: str) -> bool:  # a hyperparameter a sampler drew (tune_lr): a column, not a factor
+        return f not in FAMILIES and len(levels[f]) > MAX_GRID_LEVELS
+
+    factors = [
+        f for f in candidates if len(levels[f]) > 1 and (f in FAMILIES or not (follows_components(f) or sampled(f)))
+    ]
+    # A factor that is not a component family defaults to the level of the GPT-2 baseline
+    # configuration when the study has one (gpt_to_llama: gpt2's bias and tied head).
+    base = next((c for c in configs if all(c.levels[f].split("(")[0] == BASELINE[f] for f in FAMILIES)), None)
     ref = {}
     for f in factors:
-        want = reference.get(f, BASELINE.get(f))
+        want = reference.get(f, BASELINE.get(f) or (level_of(base, f) if base else None))
         matches = [lvl for lvl in levels[f] if lvl == want or lvl.split("(")[0] == want]
         if f in reference and not matches:
             raise StudyError(

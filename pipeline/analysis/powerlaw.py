@@ -5,7 +5,8 @@ irreducible loss). C0 is the smallest compute in the fit, so a is the excess los
 
 Fit as Hoffmann et al. (2022, sec. D.2): Huber loss (delta = 1e-3) on the residuals of log L,
 with L written as exp(LSE(log a - b log(C/C0), log c)) so that a, c > 0 hold by construction,
-minimised by L-BFGS from a small grid of starting points, keeping the best. The offset needs
+from a few starting points, keeping the best (trust-region least squares with the Huber loss,
+scipy's `least_squares(loss="huber")`, where they used L-BFGS). The offset needs
 four or more distinct compute values (three parameters and one left to check them); with two or
 three the fit is a straight line in log-log (c = 0) and is marked not identifiable.
 
@@ -24,8 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import minimize
-from scipy.special import huber, logsumexp
+from scipy.optimize import least_squares
 
 HUBER_DELTA = 1e-3  # Hoffmann et al. 2022
 MIN_POINTS_WITH_OFFSET = 4
@@ -59,24 +59,25 @@ def _huber_fit(x: np.ndarray, L: np.ndarray, start: PowerLaw | None = None) -> t
     logL, logx = np.log(L), np.log(x)
     e_hi = math.log(L.min())  # c below every observed loss
 
-    def objective(p: np.ndarray) -> float:
+    def residuals(p: np.ndarray) -> np.ndarray:
         alpha, b, e = p
-        pred = logsumexp(np.stack([alpha - b * logx, np.full_like(logx, e)]), axis=0)
-        return float(huber(HUBER_DELTA, pred - logL).sum())
+        return np.logaddexp(alpha - b * logx, e) - logL
 
-    bounds = [(-20, 20), (1e-3, 3.0), (-12, e_hi)]
-    if start is not None:  # a bootstrap refit: start from the full-data fit
-        starts = [np.array([math.log(start.a), start.b, min(math.log(max(start.c, 1e-5)), e_hi)])]
-    else:  # a small grid of starting points, as Hoffmann et al.
-        starts = [
-            np.array([math.log(max(L.max() - frac * L.min(), 1e-6)), b0, math.log(frac * L.min())])
-            for b0 in (0.1, 0.3, 0.8)
-            for frac in (0.3, 0.7, 0.95)
-        ]
+    # A few starting points (Hoffmann et al. use a grid); a bootstrap refit adds the full-data
+    # fit. Trust-region least squares with the Huber loss (scale delta) is the robust fit.
+    starts = [(0.1, 0.3), (0.3, 0.7), (0.8, 0.95)]
+    p0s = [np.array([math.log(max(L.max() - f * L.min(), 1e-6)), b0, math.log(f * L.min())]) for b0, f in starts]
+    if start is not None:
+        p0s.append(np.array([math.log(start.a), start.b, math.log(max(start.c, 1e-5))]))
+    lo, hi = np.array([-20.0, 1e-3, -12.0]), np.array([20.0, 3.0, e_hi])
     best = None
-    for p0 in starts:
-        res = minimize(objective, p0, method="L-BFGS-B", bounds=bounds)
-        if best is None or res.fun < best.fun:
+    for p0 in p0s:
+        p0 = np.clip(p0, lo + 1e-9, hi - 1e-9)
+        try:
+            res = least_squares(residuals, p0, bounds=(lo, hi), loss="huber", f_scale=HUBER_DELTA)
+        except ValueError:
+            continue
+        if best is None or res.cost < best.cost:
             best = res
     if best is None or not np.all(np.isfinite(best.x)):
         return None
@@ -138,7 +139,7 @@ class Multiplier:
 def multiplier_with_interval(
     arch_points: tuple[Sequence[float], Sequence[float]],
     base_points: tuple[Sequence[float], Sequence[float]],
-    n_boot: int = 200,
+    n_boot: int = 100,
     seed: int = 0,
 ) -> Multiplier:
     """The compute multiplier of arch over base, with its bootstrap interval and, when it is

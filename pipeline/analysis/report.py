@@ -19,6 +19,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from pipeline.analysis.compute import loss_at_compute, matched_compute
 from pipeline.analysis.document import Doc
 from pipeline.analysis.sections import (
@@ -146,6 +148,11 @@ def build_report(
     bpt = bits_per_nat_token(sel.used)
     fl = floors(sel.used)
     factors_x = extrap_factors(configs)
+    at_extrap = None  # a family of its own: a different response
+    if factors and factors_x:
+        f_max, key = factors_x[-1]
+        fac_x = factorial(configs, factors, levels, ref, key, transform=np.log)
+        at_extrap = read_effects(f"test log perplexity at ×{f_max:g} the training length", fac_x)
 
     n_failed = sum(t.status == "FAILED" for t in study.trials)
     n_pruned = sum(t.tags.get("pruned") == "true" for t in study.trials)
@@ -166,7 +173,7 @@ def build_report(
     images = section_curves(doc, configs, factors, levels, fl, out_dir)
     images += section_compute(doc, configs, factors, levels, fl, c_star, at_compute, bpt, out_dir)
     images += section_effects(doc, at_steps, factors, levels, ref, bpt, out_dir, optuna_storage, optuna_study)
-    images += section_extrapolation(doc, configs, factors_x, out_dir)
+    images += section_extrapolation(doc, configs, factors_x, out_dir, at_extrap)
     images += section_pareto(doc, configs, out_dir)
     images += section_moe(doc, configs, out_dir)
     images += section_scaling(doc, configs, factors, reference, out_dir)

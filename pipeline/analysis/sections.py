@@ -517,7 +517,7 @@ def section_effects(
 # Other sections
 
 
-def section_extrapolation(doc: Doc, configs, factors_x, out: Path) -> list[Path]:
+def section_extrapolation(doc: Doc, configs, factors_x, out: Path, eff: Effects | None = None) -> list[Path]:
     if not factors_x:
         return []
     doc.h(2, "Length extrapolation")
@@ -532,10 +532,14 @@ def section_extrapolation(doc: Doc, configs, factors_x, out: Path) -> list[Path]
             panels[c.levels["pos_enc"]][c.label] = ([p[0] for p in pts], [p[1] for p in pts])
     f = plots.extrapolation(dict(panels), [c.label for c in configs], out / "extrapolation.png")
     doc.img(f.name, "extrapolation")
+    files = [f]
+    if eff is not None:
+        doc.h(3, f"Effects on test log perplexity at ×{factors_x[-1][0]:g} the training length")
+        effects_table(doc, eff, None, None, files)
     has_ci = any(f"{k}_lo" in t.metrics for c in configs for t in c.trials for _, k in factors_x)
     if not has_ci:
         doc.p("Per-run intervals (`extrap/ppl_x<f>_lo`, `_hi`) were not logged in this study: none shown.")
-        return [f]
+        return files
     doc.p(
         "Per-run 95% intervals of the test perplexity (`extrap/ppl_x<f>_lo`, `_hi`, logged by the "
         "evaluation): the seed mean, then the lowest and highest bound over the configuration's runs."
@@ -550,7 +554,7 @@ def section_extrapolation(doc: Doc, configs, factors_x, out: Path) -> list[Path]
             row.append(f"{fmt(mean, 2)} [{min(lo):.2f}, {max(hi):.2f}]" if lo and hi else fmt(mean, 2))
         rows.append(row)
     doc.table(["config", *[f"ppl ×{f:g}" for f, _ in factors_x]], rows)
-    return [f]
+    return files
 
 
 def section_pareto(doc: Doc, configs, out: Path) -> list[Path]:

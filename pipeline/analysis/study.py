@@ -330,12 +330,18 @@ def factors_and_levels(
     factors = [
         f for f in candidates if len(levels[f]) > 1 and (f in FAMILIES or not (follows_components(f) or sampled(f)))
     ]
-    # A factor that is not a component family defaults to the level of the GPT-2 baseline
-    # configuration when the study has one (gpt_to_llama: gpt2's bias and tied head).
-    base = next((c for c in configs if all(c.levels[f].split("(")[0] == BASELINE[f] for f in FAMILIES)), None)
+    # A factor that is not a component family defaults to the level the GPT-2 baseline
+    # configurations share, when they share one (gpt_to_llama: gpt2's bias and tied head; not
+    # a size, which they span), else to its first level.
+    base = [c for c in configs if all(c.levels[f].split("(")[0] == BASELINE[f] for f in FAMILIES)]
+
+    def base_level(f: str) -> str | None:
+        shared = {level_of(c, f) for c in base}
+        return shared.pop() if len(shared) == 1 else None
+
     ref = {}
     for f in factors:
-        want = reference.get(f, BASELINE.get(f) or (level_of(base, f) if base else None))
+        want = reference.get(f, BASELINE.get(f) or base_level(f))
         matches = [lvl for lvl in levels[f] if lvl == want or lvl.split("(")[0] == want]
         if f in reference and not matches:
             raise StudyError(

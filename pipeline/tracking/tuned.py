@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.run.spec import RunConfigError, RunSpec
 from pipeline.tracking.runs import flatten
+from pipeline.tracking.schema import Metric, Tag
 
 NOT_ARCHITECTURE = {"model.vocab_size", "model.preset"}
 
@@ -56,7 +57,7 @@ def find_tuned(uri: str, study: str, arch: dict[str, str]) -> Tuned:
     runs = [
         r
         for r in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=5000)
-        if r.data.tags.get("sweep") != "true" and math.isfinite(r.data.metrics.get("val/loss", math.nan))
+        if r.data.tags.get(Tag.SWEEP) != "true" and math.isfinite(r.data.metrics.get(Metric.VAL_LOSS, math.nan))
     ]
     match = [r for r in runs if architecture(r.data.params) == arch]
     if not match:
@@ -66,13 +67,13 @@ def find_tuned(uri: str, study: str, arch: dict[str, str]) -> Tuned:
             f"({describe(arch)}); tuned there: {', '.join(tuned) or 'none'}; tune this arm too or set "
             "optimizer.lr_from=null"
         )
-    best = min(match, key=lambda r: r.data.metrics["val/loss"])
+    best = min(match, key=lambda r: r.data.metrics[Metric.VAL_LOSS])
     p = best.data.params
     return Tuned(
         float(p["optimizer.lr"]),
         int(float(p["optimizer.warmup_steps"])),
         best.info.run_id,
-        best.data.metrics["val/loss"],
+        best.data.metrics[Metric.VAL_LOSS],
         len(match),
     )
 
@@ -87,4 +88,4 @@ def apply_tuned(cfg: DictConfig, spec: RunSpec, uri: str) -> tuple[DictConfig, R
     OmegaConf.update(cfg, "optimizer.warmup_steps", tuned.warmup_steps)
     OmegaConf.update(cfg, "optimizer.lr_from", None)  # the recorded config holds the values
     optim = replace(spec.optim, lr=tuned.lr, warmup_steps=tuned.warmup_steps, lr_from=None)
-    return cfg, replace(spec, optim=optim), {"lr_from": study, "lr_from_run": tuned.run_id}
+    return cfg, replace(spec, optim=optim), {Tag.LR_FROM: study, Tag.LR_FROM_RUN: tuned.run_id}

@@ -42,11 +42,16 @@ def run(
     # Lightning's per-run banners (accelerator, tips) repeat 90 times in a sweep; keep warnings.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    uri = resolve_tracking_uri(tracking_uri or cfg.tracking.uri)
+    tuned_tags: dict[str, str] = {}
+    if spec.optim.lr_from:  # this arm's tuned lr and warmup (optimizer.lr_from), before any data
+        from pipeline.tracking.tuned import apply_tuned
+
+        cfg, spec, tuned_tags = apply_tuned(cfg, spec, uri)
     dm = prepare_data(cfg, spec)
     model_cfg = replace(spec.model, vocab_size=dm.vocab_size)  # the tokenizer decides the vocabulary
 
-    uri = resolve_tracking_uri(tracking_uri or cfg.tracking.uri)
-    tags = {**run_tags(cfg, spec, model_cfg), **(extra_tags or {})}
+    tags = {**run_tags(cfg, spec, model_cfg), **tuned_tags, **(extra_tags or {})}
     with runs.tracked_run(uri, cfg.study, run_name(cfg, model_cfg), tags, cfg.tracking.system_metrics) as active:
         record_config(cfg, spec, model_cfg, overrides, dm)
         model, val_loss = train(cfg, spec, model_cfg, dm, runs.lightning_logger(uri, active.info.run_id))

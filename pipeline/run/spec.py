@@ -89,6 +89,12 @@ def validate_config(cfg: DictConfig) -> RunSpec:
         "use a non-negative integer",
     )
     _require("optimizer.weight_decay", o.weight_decay, o.weight_decay >= 0, "use a non-negative value")
+    _require(
+        "optimizer.lr_from",
+        o.lr_from,
+        o.lr_from is None or (isinstance(o.lr_from, str) and o.lr_from.strip() != ""),
+        "name a tune study (e.g. tune_lr) or use null",
+    )
     return RunSpec(model_cfg, preset, data_cfg, batch_size, val_batches, o, steps, every)
 
 

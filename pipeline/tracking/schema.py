@@ -33,6 +33,8 @@ class Tag:
     TRIAL = "trial"  # the trial's number within its sweep (child runs only)
     CACHE_HIT = "cache_hit"  # TRUE when the tokenized splits came from the cache
     RERUN_OF = "rerun_of"  # run id of the run `pipeline.rerun` started from
+    LR_FROM = "lr_from"  # the tune study optimizer.lr_from named (pipeline.tracking.tuned)
+    LR_FROM_RUN = "lr_from_run"  # the run of that study whose lr and warmup this run took
     # How a run ended (status FAILED or KILLED)
     FAILURE_REASON = "failure_reason"  # `<ExceptionType>: <message>`, cut to FAILURE_REASON_MAX
     PRUNED = "pruned"  # TRUE on a run stopped by the Optuna pruner (status KILLED)

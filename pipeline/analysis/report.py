@@ -3,7 +3,8 @@
     python -m pipeline.report --study NAME [--tracking-uri URI] [--out reports]
 
 Writes reports/<study>/report.md, report.html and PNGs, and logs them under `report/` to the
-study's parent run (the newest run tagged sweep=true; a run named `report` when there is none).
+study's parent run (the newest run tagged sweep=true; a run named `report` when there is none),
+whose description (shown in the MLflow UI) then links report.html and summarises the study.
 Metrics read: val/loss, val/ppl, train/tokens_seen, extrap/ppl_x<f>, cost/*, moe/load/*; how
 trials become configurations is in pipeline.analysis.study. Every number names its run ids.
 """
@@ -34,6 +35,7 @@ from pipeline.analysis.study import (
     group_configurations,
     load_study,
 )
+from pipeline.analysis.summary import description, summary
 from pipeline.tracking.schema import TRUE, Artifact, Metric, Param, Tag, parse_extrap_ppl, parse_moe_load
 
 COST_KEYS = (
@@ -466,6 +468,7 @@ class Report:
     images: list[Path]
     configurations: list[Configuration]
     artifact_run_id: str
+    summary: tuple[str, str]  # best configuration; significant factors (the run's description)
 
 
 def report_run(client, study: Study) -> tuple[str, str]:
@@ -501,6 +504,7 @@ def build_report(
 ) -> Report:
     from mlflow.tracking import MlflowClient
 
+    from pipeline.tracking import views
     from pipeline.tracking.uri import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)  # explicit > MLFLOW_TRACKING_URI > ./mlflow.db
@@ -549,6 +553,9 @@ def build_report(
     md, page = out_dir / "report.md", out_dir / "report.html"
     md.write_text(doc.markdown())
     page.write_text(doc.html(f"Study {study_name}"))
+    lines = summary(configs, extra, reference or {})
     if log_artifacts:
         client.log_artifacts(target, str(out_dir), artifact_path=Artifact.REPORT)
-    return Report(out_dir, md, page, images, configs, target or "")
+        link = views.artifact_link(study.experiment_id, target, f"{Artifact.REPORT}/{page.name}")
+        client.set_tag(target, views.DESCRIPTION, description(lines, link, f"{Artifact.REPORT}/{page.name}"))
+    return Report(out_dir, md, page, images, configs, target or "", lines)

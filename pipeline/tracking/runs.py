@@ -16,6 +16,7 @@ import mlflow
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
 from pipeline.tracking.schema import FAILURE_REASON_MAX, TRUE, Tag
+from pipeline.tracking.views import ensure_experiment
 
 PARENT_ENV = "PIPELINE_PARENT_RUN_ID"  # set by the sweep callback for its child runs
 TRIAL_ENV = "PIPELINE_TRIAL_NUMBER"
@@ -53,7 +54,7 @@ def git_commit() -> str:
 def start_run(uri: str, study: str, run_name: str, tags: dict[str, str], system_metrics: bool) -> mlflow.ActiveRun:
     """Start a run in the study's experiment; a child of the sweep's parent run when inside one."""
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(study)
+    mlflow.set_experiment(experiment_id=ensure_experiment(mlflow.MlflowClient(uri), study))
     tags = dict(tags)
     if os.environ.get(TRIAL_ENV):
         tags[Tag.TRIAL] = os.environ[TRIAL_ENV]

@@ -28,6 +28,7 @@ from hydra_plugins.pipeline_optuna_sweeper.sweeper import format_summary, resolv
 from pipeline.tracking.runs import PARENT_ENV, TRIAL_ENV
 from pipeline.tracking.schema import TRUE, Artifact, Metric, Tag, sweep_outcome, sweep_runs
 from pipeline.tracking.uri import resolve_tracking_uri
+from pipeline.tracking.views import ensure_experiment
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,7 @@ class MLflowSweepCallback(HydraCallback):
 
         study = str(config.study)
         self.client = MlflowClient(resolve_tracking_uri(OmegaConf.select(config, "tracking.uri")))
-        exp = self.client.get_experiment_by_name(study)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(study)
+        exp_id = ensure_experiment(self.client, study)
         key = _optuna_study_key(config)
         tags = {
             Tag.SWEEP: TRUE,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.model.families import FAMILIES
 from pipeline.tracking.uri import resolve_tracking_uri
-from pipeline.tracking.views import has_views, runs_table_url, set_up_experiment
+from pipeline.tracking.views import runs_table_url, set_up_experiment
 
 
 def study_experiments(client) -> list:
@@ -28,8 +28,9 @@ def study_experiments(client) -> list:
 
 
 def addresses(uri: str, base: str) -> list[str]:
-    """Lines naming each study's runs table and chart view; a study logged before the views
-    existed gets them here (experiment tags only, no run is touched)."""
+    """Lines naming each study's runs table and chart view. A study logged before the views
+    existed, or by an older version of them, gets the current ones here (experiment tags only;
+    no run is touched)."""
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
         return [f"no MLflow store at {uri} yet: run a study (make ablate) and open {base}"]
     from mlflow import MlflowClient
@@ -41,8 +42,7 @@ def addresses(uri: str, base: str) -> list[str]:
     width = max(len(e.name) for e in studies)
     lines = [f"Studies in {uri} (runs table: every trial a row, best val/loss first):"]
     for e in sorted(studies, key=lambda e: e.name):
-        if not has_views(e):
-            set_up_experiment(client, e.experiment_id)
+        set_up_experiment(client, e.experiment_id)  # writes only what is missing or outdated
         lines.append(f"  {e.name:<{width}}  runs    {runs_table_url(base, e.experiment_id)}")
         lines.append(f"  {'':<{width}}  charts  {runs_table_url(base, e.experiment_id, charts=True)}")
     lines.append(

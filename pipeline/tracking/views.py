@@ -36,16 +36,20 @@ DESCRIPTION = "mlflow.note.content"  # a run's description, rendered as markdown
 WORKFLOW = "workflowType=machine_learning"
 
 OBJECTIVE = "val/loss"
-TAG_COLUMNS = (*FAMILIES, "seed")
-METRIC_COLUMNS = (
-    OBJECTIVE,
-    "extrap/ppl_x1",
-    "extrap/ppl_x4",
-    "cost/kv_bytes_per_token",
-    "cost/decode_tokens_per_s",
-    "cost/params_active",
-)
 TABLE_VIEW = "ablation"  # the key of the main view; one "by-<family>" view per family
+# The runs table's columns and their widths (px): the four families and the seed (tags), then
+# the metrics. MLflow's default of 100 px cuts the cost headers and pushes the tags out of
+# sight; these fit the row in a 1920-pixel-wide window.
+TAG_COLUMNS = {"pos_enc": 80, "norm": 90, "attention": 85, "ffn": 70, "seed": 60}
+METRIC_COLUMNS = {
+    OBJECTIVE: 95,
+    "extrap/ppl_x1": 110,
+    "extrap/ppl_x4": 110,
+    "cost/kv_bytes_per_token": 170,
+    "cost/decode_tokens_per_s": 180,
+    "cost/params_active": 135,
+}
+FIXED_COLUMNS = {"attributes.`Run Name`": 170, "runDateAndNestInfo": 125, "duration": 75}  # MLflow's own
 
 
 def column(kind: str, key: str) -> str:
@@ -75,9 +79,13 @@ def _state(group_by: str | None = None) -> dict[str, Any]:
         "selectedMetrics": [OBJECTIVE],
         "showAllRuns": False,
     }
+    widths = {column("tags", k): w for k, w in TAG_COLUMNS.items()}
+    widths.update({column("metrics", k): w for k, w in METRIC_COLUMNS.items()})
+    columns = list(widths)
     return {
         # search facets
-        "searchFilter": "attributes.status = 'FINISHED'" if group_by else "",
+        # grouped: the finished trials only, as the report averages them (not the sweep's parent)
+        "searchFilter": "attributes.status = 'FINISHED' and tags.sweep IS NULL" if group_by else "",
         "orderByKey": column("metrics", OBJECTIVE),  # a metric order also lays child runs flat
         "orderByAsc": True,
         "startTime": "ALL",
@@ -85,7 +93,10 @@ def _state(group_by: str | None = None) -> dict[str, Any]:
         "datasetsFilter": [],
         "modelVersionFilter": "All Runs",
         # UI state
-        "selectedColumns": [column("tags", t) for t in TAG_COLUMNS] + [column("metrics", m) for m in METRIC_COLUMNS],
+        "selectedColumns": columns,
+        # the factors before the metrics (MLflow puts its metrics group first), at widths that fit
+        "columnOrder": [*FIXED_COLUMNS, *columns],
+        "columnWidths": {**FIXED_COLUMNS, **widths},
         "runsHiddenMode": "SHOW_ALL",  # charts draw every run, not the UI's default first ten
         "compareRunCharts": [parallel],
         # "Ablation" sorts before the sections the UI adds per metric prefix (cost, extrap, val...)
@@ -134,10 +145,6 @@ def _envelope(value: str | None) -> dict | None:
     except ValueError:
         return None
     return out if isinstance(out, dict) else None
-
-
-def has_views(experiment) -> bool:
-    return VIEW_TAG_PREFIX + TABLE_VIEW in experiment.tags
 
 
 def ensure_experiment(client, name: str) -> str:

@@ -10,15 +10,16 @@ from collections.abc import Sequence
 from pipeline.analysis.document import fmt_ci, fmt_stat
 from pipeline.analysis.effects import MainEffect
 from pipeline.analysis.study import Configuration, factorial, factors_and_levels
+from pipeline.tracking.schema import Metric
 
 
 def best_line(configs: Sequence[Configuration]) -> str:
     """The configuration with the lowest mean final val loss (the report's first row)."""
-    done = [c for c in configs if math.isfinite(c.stat("val/loss")[0])]
+    done = [c for c in configs if math.isfinite(c.stat(Metric.VAL_LOSS)[0])]
     if not done:
         return "Best configuration: none (no finished trial logged val/loss)."
     best = done[0]
-    mean, std, n = best.stat("val/loss")
+    mean, std, n = best.stat(Metric.VAL_LOSS)
     levels = ", ".join(f"{k}={v}" for k, v in best.levels.items())
     seeds = f"{n} seed{'s' if n != 1 else ''}"
     return f"Best configuration: {best.id} {levels}; val loss {fmt_stat(mean, std)} over {seeds}."
@@ -32,7 +33,7 @@ def significant_effects(
     factors, levels, ref = factors_and_levels(configs, extra, reference)
     if not factors:
         return [], 0
-    mains = factorial(configs, factors, levels, ref, "val/loss").main_effects()
+    mains = factorial(configs, factors, levels, ref, Metric.VAL_LOSS).main_effects()
     return sorted((e for e in mains if e.excludes_zero), key=lambda e: e.estimate), len(mains)
 
 

@@ -28,26 +28,27 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
 from pipeline.model.families import FAMILIES
+from pipeline.tracking.schema import Metric, Param, Tag, extrap_ppl
 
-EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = Tag.EXPERIMENT_KIND
 TRAINING_KIND = "custom_model_development"  # shown as "Machine learning"; the other is genai_development
-VIEW_TAG_PREFIX = "mlflow.sharedViewState."
-DESCRIPTION = "mlflow.note.content"  # a run's description, rendered as markdown on its page
+VIEW_TAG_PREFIX = Tag.SAVED_VIEW_PREFIX
+DESCRIPTION = Tag.DESCRIPTION
 WORKFLOW = "workflowType=machine_learning"
 
-OBJECTIVE = "val/loss"
+OBJECTIVE = Metric.VAL_LOSS
 TABLE_VIEW = "ablation"  # the key of the main view; one "by-<family>" view per family
 # The runs table's columns and their widths (px): the four families and the seed (tags), then
 # the metrics. MLflow's default of 100 px cuts the cost headers and pushes the tags out of
 # sight; these fit the row in a 1920-pixel-wide window.
-TAG_COLUMNS = {"pos_enc": 80, "norm": 90, "attention": 85, "ffn": 70, "seed": 60}
+TAG_COLUMNS = {"pos_enc": 80, "norm": 90, "attention": 85, "ffn": 70, Tag.SEED: 60}
 METRIC_COLUMNS = {
     OBJECTIVE: 95,
-    "extrap/ppl_x1": 110,
-    "extrap/ppl_x4": 110,
-    "cost/kv_bytes_per_token": 170,
-    "cost/decode_tokens_per_s": 180,
-    "cost/params_active": 135,
+    extrap_ppl(1): 110,
+    extrap_ppl(4): 110,
+    Metric.COST_KV_BYTES_PER_TOKEN: 170,
+    Metric.COST_DECODE_TOKENS_PER_S: 180,
+    Metric.COST_PARAMS_ACTIVE: 135,
 }
 FIXED_COLUMNS = {"attributes.`Run Name`": 170, "runDateAndNestInfo": 125, "duration": 75}  # MLflow's own
 
@@ -75,7 +76,7 @@ def _state(group_by: str | None = None) -> dict[str, Any]:
         "deleted": False,
         "runsCountToCompare": 10,
         # params, not tags: the chart reads params and metrics only
-        "selectedParams": [f"model.{f}.name" for f in FAMILIES],
+        "selectedParams": [Param.component(f) for f in FAMILIES],
         "selectedMetrics": [OBJECTIVE],
         "showAllRuns": False,
     }
@@ -85,7 +86,7 @@ def _state(group_by: str | None = None) -> dict[str, Any]:
     return {
         # search facets
         # grouped: the finished trials only, as the report averages them (not the sweep's parent)
-        "searchFilter": "attributes.status = 'FINISHED' and tags.sweep IS NULL" if group_by else "",
+        "searchFilter": f"attributes.status = 'FINISHED' and tags.{Tag.SWEEP} IS NULL" if group_by else "",
         "orderByKey": column("metrics", OBJECTIVE),  # a metric order also lays child runs flat
         "orderByAsc": True,
         "startTime": "ALL",

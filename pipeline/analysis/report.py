@@ -3,7 +3,8 @@
     python -m pipeline.report --study NAME [--tracking-uri URI] [--out reports]
 
 Writes reports/<study>/report.md, report.html and PNGs, and logs them under `report/` to the
-study's parent run (the newest run tagged sweep=true; a run named `report` when there is none).
+study's parent run (the newest run tagged sweep=true; a run named `report` when there is none),
+whose description (shown in the MLflow UI) then links report.html and summarises the study.
 Metrics read: val/loss, val/ppl, train/tokens_seen, extrap/ppl_x<f> (and _lo/_hi), floor/ngram<n>,
 cost/*, moe/load/*. How trials become configurations and replicates: pipeline.analysis.study;
 the effects' statistics: pipeline.analysis.effects. Every number names its run ids.
@@ -57,6 +58,8 @@ from pipeline.analysis.study import (
     load_study,
     select_replicates,
 )
+from pipeline.analysis.summary import description, summary
+from pipeline.tracking.schema import TRUE, Artifact, Tag
 
 __all__ = ["Report", "build_report", "optuna_importances", "optuna_studies", "report_run"]
 
@@ -68,12 +71,14 @@ def report_run(client, study: Study) -> tuple[str, str]:
         return study.parent_run_id, ""
     from mlflow.entities import ViewType
 
-    found = client.search_runs([study.experiment_id], "tags.report = 'true'", ViewType.ACTIVE_ONLY, max_results=1)
+    found = client.search_runs(
+        [study.experiment_id], f"tags.{Tag.REPORT} = '{TRUE}'", ViewType.ACTIVE_ONLY, max_results=1
+    )
     run_id = (
         found[0].info.run_id
         if found
         else client.create_run(
-            study.experiment_id, run_name="report", tags={"report": "true", "study": study.name}
+            study.experiment_id, run_name="report", tags={Tag.REPORT: TRUE, Tag.STUDY: study.name}
         ).info.run_id
     )
     return run_id, (
@@ -98,6 +103,7 @@ class Report:
     at_compute: Effects | None = None
     matched_compute: float = math.nan
     selection: Selection | None = None
+    summary: tuple[str, str] = ("", "")  # best configuration; significant factors (the run's description)
 
 
 def build_report(
@@ -110,6 +116,7 @@ def build_report(
 ) -> Report:
     from mlflow.tracking import MlflowClient
 
+    from pipeline.tracking import views
     from pipeline.tracking.uri import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)  # explicit > MLFLOW_TRACKING_URI > ./mlflow.db
@@ -185,6 +192,9 @@ def build_report(
     md, page = out_dir / "report.md", out_dir / "report.html"
     md.write_text(doc.markdown())
     page.write_text(doc.html(f"Study {study_name}"))
+    lines = summary(configs, extra, reference or {})
     if log_artifacts:
-        client.log_artifacts(target, str(out_dir), artifact_path="report")
-    return Report(out_dir, md, page, images, configs, target or "", at_steps, at_compute, c_star, sel)
+        client.log_artifacts(target, str(out_dir), artifact_path=Artifact.REPORT)
+        link = views.artifact_link(study.experiment_id, target, f"{Artifact.REPORT}/{page.name}")
+        client.set_tag(target, views.DESCRIPTION, description(lines, link, f"{Artifact.REPORT}/{page.name}"))
+    return Report(out_dir, md, page, images, configs, target or "", at_steps, at_compute, c_star, sel, lines)

@@ -17,6 +17,7 @@ import mlflow
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
 from pipeline.tracking.schema import FAILURE_REASON_MAX, TRUE, Tag
+from pipeline.tracking.views import ensure_experiment
 
 PARENT_ENV = "PIPELINE_PARENT_RUN_ID"  # set by the sweep callback for its child runs
 TRIAL_ENV = "PIPELINE_TRIAL_NUMBER"
@@ -59,7 +60,7 @@ def start_run(uri: str, study: str, run_name: str, tags: dict[str, str], system_
 
     mlflow.set_tracking_uri(uri)
     with prepared(uri):  # a fresh store is migrated once, the experiment created once
-        mlflow.set_experiment(study)
+        mlflow.set_experiment(experiment_id=ensure_experiment(mlflow.MlflowClient(uri), study))
     tags = dict(tags)
     if os.environ.get(TRIAL_ENV):
         tags[Tag.TRIAL] = os.environ[TRIAL_ENV]

@@ -53,6 +53,10 @@ class Tag:
     # MLflow's own
     PARENT_RUN_ID = "mlflow.parentRunId"
     RUN_NAME = "mlflow.runName"
+    DESCRIPTION = "mlflow.note.content"  # markdown shown on the run's page (the report's run: a link and a summary)
+    # Experiment tags MLflow's UI reads (pipeline.tracking.views writes them)
+    EXPERIMENT_KIND = "mlflow.experimentKind"  # custom_model_development: the model-training pages
+    SAVED_VIEW_PREFIX = "mlflow.sharedViewState."  # + key: a runs-table view, opened by ?viewStateShareKey=key
 
 
 FAILURE_REASON_MAX = 5000  # characters kept of a failure reason (MLflow's tag limit is 8000)

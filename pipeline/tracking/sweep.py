@@ -31,6 +31,7 @@ from pipeline.tracking.runs import PARENT_ENV, TRIAL_ENV
 from pipeline.tracking.schema import TRUE, Artifact, Metric, Tag, sweep_outcome, sweep_runs
 from pipeline.tracking.stores import busy_timeout, prepared
 from pipeline.tracking.uri import resolve_tracking_uri
+from pipeline.tracking.views import ensure_experiment
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,7 @@ class MLflowSweepCallback(HydraCallback):
             return
         study = str(config.study)
         with prepared(uri):  # migrated once; two sweeps starting together find one parent
-            exp = self.client.get_experiment_by_name(study)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(study)
+            exp_id = ensure_experiment(self.client, study)
             key = _optuna_study_key(config)
             tags = {
                 Tag.SWEEP: TRUE,

@@ -5,12 +5,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 STUDY ?= full_grid
+WORKERS ?= auto
 ARGS ?=
 PORT ?= 5000
+HOST ?= 127.0.0.1
+# make server: the tracking server's database and artifact root (README: Scaling out).
+BACKEND ?= sqlite:///mlflow.db
+ARTIFACTS ?= mlartifacts
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install lint format test test-slow ablate ui report cost bench gpu-wheels gpu-check clean
+.PHONY: help install lint format test test-slow ablate ui server report cost bench bench-sweep gpu-wheels gpu-check clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -39,16 +44,22 @@ test: $(STAMP) ## Run the test suite (CPU, offline; slow and gpu tests left out)
 test-slow: $(STAMP) ## Run only the slow tests (extrapolation on real text, long sweeps)
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
-ablate: $(STAMP) ## Run a study: make ablate [STUDY=full_grid] [ARGS="..."], then write its report
+ablate: $(STAMP) ## Run a study: make ablate [STUDY=full_grid] [WORKERS=auto|N] [ARGS="..."], then its report
 	@# The report is written even when some trials failed; make then exits with the sweep's status.
-	$(BIN)/python -m pipeline.train -m ablation=$(STUDY) $(ARGS); status=$$?; \
+	$(BIN)/python -m pipeline.train -m ablation=$(STUDY) hydra.sweeper.workers=$(WORKERS) $(ARGS); status=$$?; \
 	$(BIN)/python -m pipeline.report --study $(STUDY) && exit $$status
 
 report: $(STAMP) ## Rebuild a study's comparison report from MLflow: make report STUDY=name
 	$(BIN)/python -m pipeline.report --study $(STUDY)
 
-ui: $(STAMP) ## MLflow UI on 127.0.0.1:$(PORT) over the same store (honours MLFLOW_TRACKING_URI)
-	$(BIN)/mlflow ui --host 127.0.0.1 --port $(PORT) --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}"
+ui: $(STAMP) ## MLflow UI on 127.0.0.1:$(PORT) over the same store; prints each study's runs-table address
+	$(BIN)/python -m pipeline.ui --host 127.0.0.1 --port $(PORT)
+
+server: $(STAMP) ## MLflow tracking server: make server [HOST=127.0.0.1] [PORT=5000] [BACKEND=sqlite:///mlflow.db|postgresql+psycopg2://...] [ARTIFACTS=mlartifacts]
+	@# Bound to 127.0.0.1 unless HOST= says otherwise; beyond this machine also pass
+	@# SERVER_ARGS="--allowed-hosts HOST:PORT --cors-allowed-origins https://..." (README: Scaling out).
+	$(BIN)/mlflow server --host $(HOST) --port $(PORT) --backend-store-uri "$(BACKEND)" \
+		--artifacts-destination "$(ARTIFACTS)" $(SERVER_ARGS)
 
 cost: $(STAMP) ## Analytic inference-cost table, no training: make cost ARGS="model=llama"
 	$(BIN)/python -m pipeline.cost $(ARGS)
@@ -56,6 +67,9 @@ cost: $(STAMP) ## Analytic inference-cost table, no training: make cost ARGS="mo
 bench: $(STAMP) ## Step-time benchmark against a minimal GPT, transformers and x-transformers
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m benchmarks.step_time $(ARGS)
+
+bench-sweep: $(STAMP) ## Time a whole study in a fresh folder (issue 16 targets): make bench-sweep [STUDY=] [WORKERS=]
+	$(BIN)/python -m benchmarks.sweep_time --study $(STUDY) --workers $(WORKERS) $(ARGS)
 
 # The GPU machine is offline and brings its own python3 (3.12), torch and Lightning, pandas and
 # pyarrow; `make gpu-wheels` (here, with a package index) fetches everything else as wheels.
@@ -78,7 +92,7 @@ gpu-wheels: ## Wheels for the offline GPU machine (CPython 3.12, x86-64) into .w
 	for p in $(GPU_IMAGE_HAS); do rm -f $(WHL)/$$p-*.whl; done
 	@du -sh $(WHL); test $$(du -sm $(WHL) | cut -f1) -le 60 || { echo "gpu-wheels: .whl/ is over 60 MB"; exit 1; }
 
-gpu-check: ## On the GPU machine, offline: the GPU check script and `gpu` tests (JSON + junit in $$OUT)
+gpu-check: ## On the GPU machine, offline: the GPU check script, the `gpu` tests, then trials/hour at 1, 2, 4 slots (to $$OUT)
 	@$(GPU_PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else \
 		f'gpu-check: CUDA is not available to {sys.executable} (torch {torch.__version__}); run it on the GPU machine')"
 	@test -n "$$(ls $(WHL)/*.whl 2>/dev/null)" || { echo "gpu-check: no wheels in $(WHL)/; run make gpu-wheels first"; exit 1; }
@@ -86,7 +100,8 @@ gpu-check: ## On the GPU machine, offline: the GPU check script and `gpu` tests 
 	mkdir -p $(GPU_OUT)
 	PYTHONPATH=$(CURDIR)/$(GPU_SITE):$(CURDIR) $(GPU_PY) -m benchmarks.gpu_check --out $(GPU_OUT) $(ARGS)
 	PYTHONPATH=$(CURDIR)/$(GPU_SITE):$(CURDIR) $(GPU_PY) -m pytest -q -m gpu -p no:cacheprovider \
-		--junitxml=$(GPU_OUT)/gpu-tests.xml $(PYTEST_ARGS)
+		--junitxml=$(GPU_OUT)/gpu-tests.xml $(PYTEST_ARGS); status=$$?; \
+	PYTHONPATH=$(CURDIR)/$(GPU_SITE):$(CURDIR) $(GPU_PY) -m benchmarks.gpu_slots --out $(GPU_OUT) && exit $$status
 
 clean: ## Remove caches and local stores (keeps .venv)
 	rm -rf outputs multirun reports .cache mlflow.db mlruns mlartifacts optuna.db $(GPU_SITE) gpu-check-out

@@ -282,7 +282,9 @@ def _lit_fit(ctx: Context, preset: str, steps: int, log_every: int, callbacks: l
                 t = torch.randint(0, sizes["vocab_size"], (ctx.shapes.batch, sizes["context_length"] + 1), generator=g)
                 yield t[:, :-1], t[:, 1:]
 
-    lit = LitDecoderLM(ModelConfig.from_preset(preset, **sizes), OptimConfig(warmup_steps=1), steps)
+    # As the runner on a GPU: the finite-loss check once per logging interval.
+    cfg = ModelConfig.from_preset(preset, **sizes)
+    lit = LitDecoderLM(cfg, OptimConfig(warmup_steps=1), steps, check_finite_every=log_every)
     trainer = L.Trainer(
         accelerator=ctx.device.type,
         devices=1,

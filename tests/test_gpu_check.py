@@ -1,5 +1,5 @@
 """The GPU check script's CPU mode (issue 15): every step but the CUDA-only ones, tiny shapes,
-so `make gpu-check` cannot rot while no GPU is around."""
+so `make gpu-check` cannot rot while no GPU is around. Slow (minutes on the CPU): `make test-slow`."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ import os
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
+import pytest
+
 from benchmarks import gpu_check
 
 
+@pytest.mark.slow  # minutes on a loaded CPU: `make test-slow`, not `make test`
 def test_cpu_mode_runs_every_step_and_writes_json_and_junit(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

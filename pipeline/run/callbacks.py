@@ -24,46 +24,47 @@ def peak_flops(device: torch.device, precision: str, stated: float | None = None
 
 
 class Throughput(L.Callback):
-    """Training tokens per second, over the wall time of windows of consecutive training steps.
+    """Training tokens per second over the steps after `warmup` (allocator and kernel warm-up),
+    validation excluded.
 
-    A window opens after `warmup` steps (allocator and kernel warm-up) and closes at each
-    validation and at the end of training. The device is synchronised at those boundaries
-    only: CUDA work is asynchronous, so host time per step would measure the launch queue,
-    and a sync per step would slow the steps it measures. Data loading between steps counts.
-    """
+    The clock runs over spans of steps, not step by step: on a GPU, reading the clock around
+    each step would need a host sync per step (kernels run asynchronously), which stalls the
+    queue. With `sync`, the device is synchronized only where a span starts or ends (the end
+    of warm-up, each validation, the end of training)."""
 
-    def __init__(self, warmup: int = 10) -> None:
-        self.warmup = warmup
-        self.t0: float | None = None
+    def __init__(self, warmup: int = 10, sync: bool = False) -> None:
+        self.warmup, self.sync = warmup, sync
         self.seconds = 0.0
         self.tokens = 0
+        self._t0: float | None = None  # start of the current span
 
-    @staticmethod
-    def _sync(pl_module: L.LightningModule) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
+    def _now(self) -> float:
+        if self.sync:
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self.t0 is None and trainer.global_step >= self.warmup:
-            self._sync(pl_module)
-            self.t0 = time.perf_counter()
+    def _close_span(self) -> None:
+        if self._t0 is not None:
+            self.seconds += self._now() - self._t0
+            self._t0 = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.t0 is not None:
+        if trainer.global_step < self.warmup:
+            return
+        if self._t0 is None:
+            self._t0 = self._now()  # the span starts after this step
+        else:
             self.tokens += batch[1].numel()
 
-    def _close(self, trainer, pl_module) -> None:
-        if self.t0 is not None:
-            self._sync(pl_module)
-            self.seconds += time.perf_counter() - self.t0
-            self.t0 = None
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._close_span()
 
-    on_validation_start = _close
-    on_train_end = _close
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._close_span()
 
     @property
     def tokens_per_s(self) -> float | None:
-        return self.tokens / self.seconds if self.seconds > 0 else None
+        return self.tokens / self.seconds if self.seconds > 0 and self.tokens else None
 
     def mfu(self, forward_flops_per_token: float, peak: float | None) -> float | None:
         """Model FLOPs utilisation (PaLM, Chowdhery et al. 2022, app. B): achieved training

@@ -2,8 +2,9 @@
 
 It knows nothing of sweeps or MLflow; metrics go through `self.log` to whatever logger the
 Trainer has. A training step never reads a value back to the host (a CUDA sync, which at the GPU
-budget's 1-3 ms steps costs as much as the step): metrics are logged, and the loss checked for
-NaN/inf, only at logging steps (every `trainer.log_every_n_steps`).
+budget's 1-3 ms steps costs as much as the step): metrics are logged only at logging steps (every
+`trainer.log_every_n_steps`), and the loss checked for NaN/inf every `check_finite_every` steps
+(on a GPU the runner makes that the logging interval).
 """
 
 from __future__ import annotations
@@ -19,7 +20,18 @@ from pipeline.tracking.schema import Metric, moe_load
 
 
 class LitDecoderLM(L.LightningModule):
-    def __init__(self, model_cfg: ModelConfig, optim: OptimConfig, max_steps: int, compile: bool = False) -> None:
+    """`check_finite_every`: steps between checks that the training loss stayed finite. Each
+    check reads a value back to the host, which on a GPU waits for all queued work; so a GPU
+    run checks every few steps (a flag kept on the device records every step in between)."""
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        optim: OptimConfig,
+        max_steps: int,
+        check_finite_every: int = 1,
+        compile: bool = False,
+    ) -> None:
         super().__init__()
         self.model = DecoderLM(model_cfg)
         # torch.compile (trainer.compile): the forward pass has no host syncs or graph breaks
@@ -29,9 +41,11 @@ class LitDecoderLM(L.LightningModule):
         self.__dict__["step_model"] = torch.compile(self.model, fullgraph=True) if compile else self.model
         self.optim = optim
         self.max_steps = max_steps
+        self.check_finite_every = check_finite_every
+        self._finite: Tensor | None = None  # all training losses finite since the last check
+        self._last_loss: Tensor | None = None
         self._load_sum: Tensor | None = None  # MoE expert load summed since the last validation
         self._load_steps = 0
-        self._nonfinite: Tensor | None = None  # on the device: any non-finite loss since the last check
         self.tokens_seen = 0
 
     def forward(self, tokens: Tensor) -> Tensor:
@@ -46,19 +60,12 @@ class LitDecoderLM(L.LightningModule):
         x, y = batch
         logits, aux = self.step_model(x, return_aux=True)
         lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-        bad = ~torch.isfinite(lm_loss.detach())
-        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+        self._track_finite(lm_loss)
         self.tokens_seen += y.numel()
         log_now = self._log_step()
         if log_now:
-            if self._nonfinite.item():  # the one host read of the logging interval
-                end, every = self.global_step + 1, self.trainer.log_every_n_steps
-                raise FloatingPointError(
-                    f"{Metric.TRAIN_LOSS} is nan or inf at a step in ({end - every}, {end}] "
-                    "(checked every trainer.log_every_n_steps); lower optimizer.lr"
-                )
-            self._nonfinite = None
-            # Not on the progress bar: it reads its metrics back at every step, not only these.
+            # Only at logging steps, and not on the progress bar: it reads its metrics back at
+            # every step, not only these.
             self.log(Metric.TRAIN_LOSS, lm_loss)
             self.log(Metric.TRAIN_TOKENS_SEEN, float(self.tokens_seen))
             self.log(Metric.LR, self.optimizers().param_groups[0]["lr"])
@@ -77,6 +84,25 @@ class LitDecoderLM(L.LightningModule):
         self._load_sum = load if self._load_sum is None else self._load_sum + load
         self._load_steps += 1
         return lm_loss + aux["moe_loss"]
+
+    def _track_finite(self, loss: Tensor) -> None:
+        finite = torch.isfinite(loss.detach())
+        self._finite = finite if self._finite is None else self._finite & finite
+        self._last_loss = loss.detach()
+        if (self.global_step + 1) % self.check_finite_every == 0:
+            self.check_finite()
+
+    def check_finite(self) -> None:
+        """Raise if a training loss since the last check was NaN or infinite."""
+        finite, self._finite = self._finite, None
+        if finite is None or bool(finite):
+            return
+        if self.check_finite_every == 1:
+            raise FloatingPointError(f"{Metric.TRAIN_LOSS} is {self._last_loss.item()} at step {self.global_step}")
+        every = self.check_finite_every
+        raise FloatingPointError(
+            f"{Metric.TRAIN_LOSS} was not finite at a step up to {self.global_step} (checked every {every})"
+        )
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch

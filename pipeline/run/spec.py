@@ -60,7 +60,7 @@ class RunSpec:
         raise RunConfigError(
             f"the run reads {self.planned_tokens:,} train tokens (trainer.max_steps={self.max_steps} x "
             f"data.batch_size={self.batch_size} x model.context_length={self.model.context_length}), "
-            f"{self.planned_tokens / train_tokens:.1f} epochs of the {train_tokens:,}-token train split, "
+            f"{self.planned_tokens / train_tokens:.3g} epochs of the {train_tokens:,}-token train split, "
             f"more than data.max_epochs={self.max_epochs:g}; use a bigger corpus (e.g. data=wikitext103), "
             f"fewer trainer.max_steps, or raise data.max_epochs"
         )

@@ -104,27 +104,36 @@ def test_embedded_held_out_splits_are_big_enough(embedded):
 # --------------------------------------------------------------------------- cache
 
 
+def small_corpus(folder: Path, **settings) -> DataConfig:
+    """Twelve text files: the cache tests need a corpus, not the embedded one's build time."""
+    folder.mkdir()
+    write_docs(folder, 12)
+    files = sorted(str(p) for p in folder.glob("*.txt"))
+    return DataConfig.from_dict({"source": "text_files", "files": files, **settings})
+
+
 def test_cache_miss_then_hit_skips_tokenization(tmp_path, monkeypatch):
     calls = []
     encode = ByteTokenizer.encode
     monkeypatch.setattr(ByteTokenizer, "encode", lambda self, text: calls.append(1) or encode(self, text))
-    cfg = DataConfig.from_dict({"cache_dir": str(tmp_path)})
+    cfg = small_corpus(tmp_path / "docs", cache_dir=str(tmp_path / "cache"))
     first = load_token_splits(cfg)
     n_calls = len(calls)
     assert not first.cache_hit and n_calls > 0
-    assert first.cache_path.parent == tmp_path and first.cache_path.exists()
+    assert first.cache_path.parent == tmp_path / "cache" and first.cache_path.exists()
     second = load_token_splits(cfg)
     assert second.cache_hit and len(calls) == n_calls  # the tokenizer was not called again
     assert second.cache_path == first.cache_path
     for s in SPLITS:
         np.testing.assert_array_equal(getattr(second, s), getattr(first, s))
     assert second.documents == first.documents and second.vocab_size == first.vocab_size
-    assert [p.name for p in tmp_path.iterdir()] == [first.cache_path.name]  # no temp files left
+    assert second.floors == first.floors and second.overlap == first.overlap
+    assert [p.name for p in (tmp_path / "cache").glob("*.*")] == [first.cache_path.name]  # no temp files left
 
 
 def test_default_cache_dir_is_under_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    splits = load_token_splits(DataConfig())
+    splits = load_token_splits(small_corpus(tmp_path / "docs"))
     assert splits.cache_path.parent == tmp_path / ".cache" / "tokens"
 
 
@@ -133,10 +142,11 @@ def test_failed_cache_write_leaves_no_file(tmp_path, monkeypatch):
         f.write(b"half a file")
         raise OSError("disk full")
 
+    cfg = small_corpus(tmp_path / "docs")
     monkeypatch.setattr(np, "savez", broken_savez)
     with pytest.raises(OSError, match="disk full"):
-        load_token_splits(DataConfig(), tmp_path)
-    assert list(tmp_path.glob("*.npz")) == [] and list(tmp_path.glob("*.tmp")) == []
+        load_token_splits(cfg, tmp_path / "cache")
+    assert list((tmp_path / "cache").glob("*.npz")) == [] and list((tmp_path / "cache").glob("*.tmp")) == []
 
 
 @pytest.mark.parametrize(

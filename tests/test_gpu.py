@@ -57,7 +57,9 @@ def test_bf16_autocast_close_to_fp32(preset: str) -> None:
 def test_gpu_run_end_to_end(tmp_path: Path) -> None:
     """One short run on the GPU budget through the real CLI: bf16-mixed, CUDA peak memory."""
     proc = cli(
-        "pipeline.train", [*TINY, "budget=gpu", "model=mixtral", "model.d_model=64", "model.n_heads=4"], tmp_path
+        "pipeline.train",
+        [*TINY, "budget=gpu", "data=embedded", "model=mixtral", "model.d_model=64", "model.n_heads=4"],
+        tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     from mlflow import MlflowClient

@@ -28,22 +28,23 @@ def best_line(configs: Sequence[Configuration]) -> str:
 def significant_effects(
     configs: Sequence[Configuration], extra: Sequence[str], reference: dict[str, str]
 ) -> tuple[list[MainEffect], int]:
-    """Main effects on final val loss whose 95% interval excludes zero (the report's factor
-    effects table), best first; and how many main effects were estimated."""
+    """Main effects on final val loss that stand out after Holm's correction over the study's
+    family of contrasts (as in the report's summary), best first; and the family size."""
     factors, levels, ref = factors_and_levels(configs, extra, reference)
     if not factors:
         return [], 0
-    mains = factorial(configs, factors, levels, ref, Metric.VAL_LOSS).main_effects()
-    return sorted((e for e in mains if e.excludes_zero), key=lambda e: e.estimate), len(mains)
+    fac = factorial(configs, factors, levels, ref, Metric.VAL_LOSS)
+    mains = fac.main_effects()
+    return sorted((e for e in mains if e.significant()), key=lambda e: e.estimate), fac.family_size
 
 
 def effects_line(effects: Sequence[MainEffect], n_estimated: int) -> str:
     if n_estimated == 0:
         return "Significant factors: none to test (no factor has two or more levels)."
     if not effects:
-        return f"Significant factors: none (all {n_estimated} main effects on val loss have a 95% interval across 0)."
+        return f"Significant factors: none after Holm's correction over {n_estimated} contrasts (final val loss)."
     items = "; ".join(f"{e.factor} {e.level} vs {e.reference} {fmt_ci(e)}" for e in effects)
-    return f"Significant factors (Δ final val loss vs reference, 95% interval excludes 0): {items}."
+    return f"Significant factors (Δ final val loss vs reference; Holm over {n_estimated} contrasts): {items}."
 
 
 def summary(configs: Sequence[Configuration], extra: Sequence[str], reference: dict[str, str]) -> tuple[str, str]:

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.data import LMDataModule
 from pipeline.run.spec import RunConfigError, RunSpec
-from pipeline.tracking.schema import Artifact, Metric, Tag
+from pipeline.tracking.schema import Artifact, Metric, Param, Tag, floor_ngram
 
 if TYPE_CHECKING:
     from pipeline.model import DecoderLM, ModelConfig
@@ -66,8 +66,9 @@ def run(
 
 
 def prepare_data(cfg: DictConfig, spec: RunSpec) -> LMDataModule:
-    """Load (or tokenize and cache) the splits; refuse, before any MLflow run exists, a test
-    split too short for one evaluation window."""
+    """Load (or tokenize and cache) the splits; refuse, before any MLflow run exists, a run that
+    reads train more than data.max_epochs times (validation checks it only when the corpus was
+    already cached) and a test split too short for one evaluation window."""
     dm = LMDataModule(
         spec.data,
         spec.model.context_length,
@@ -77,6 +78,7 @@ def prepare_data(cfg: DictConfig, spec: RunSpec) -> LMDataModule:
         pin_memory=_on_cuda(cfg.trainer.accelerator),  # page-locked batches copy to the GPU asynchronously
     )
     dm.setup("fit")
+    spec.check_epochs(len(dm.splits.train))
     factors = cfg.eval.get("factors", [1])
     n_test = len(dm.splits.test)
     if cfg.eval.get("enabled", True) and n_test <= max(factors) * spec.model.context_length:
@@ -129,6 +131,17 @@ def record_config(
     mlflow.log_text(OmegaConf.to_yaml(OmegaConf.create(resolved)), Artifact.CONFIG)
     mlflow.log_text("\n".join(overrides) + "\n", Artifact.OVERRIDES)
     mlflow.set_tag(Tag.CACHE_HIT, str(dm.splits.cache_hit).lower())
+    # Per corpus, measured once and cached with the tokens: leakage and the n-gram floors.
+    overlap = dm.splits.overlap
+    if overlap:
+        mlflow.log_params(
+            {
+                Param.DATA_OVERLAP_VAL_TRAIN: round(overlap["val_train"], 6),
+                Param.DATA_OVERLAP_TEST_TRAIN: round(overlap["test_train"], 6),
+            }
+        )
+    floors = dm.splits.floors  # {"ngram1": loss, ...}
+    mlflow.log_metrics({floor_ngram(int(k.removeprefix("ngram"))): v for k, v in floors.items()})
 
 
 def train(

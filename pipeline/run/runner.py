@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.data import LMDataModule
+from pipeline.evaluate.extrapolation import block_length
 from pipeline.run.spec import RunConfigError, RunSpec
 
 log = logging.getLogger(__name__)
@@ -43,17 +46,22 @@ def run(
         spec.data, spec.model.context_length, spec.batch_size, seed=cfg.seed, val_batches=spec.val_batches
     )
     dm.setup("fit")
-    factors = cfg.eval.get("factors", [1])
     n_test = len(dm.splits.test)
-    if cfg.eval.get("enabled", True) and n_test <= max(factors) * spec.model.context_length:
-        raise RunConfigError(
-            f"the test split holds {n_test} tokens, fewer than one evaluation window of "
-            f"max(eval.factors)={max(factors)} x model.context_length={spec.model.context_length}; "
-            f"use more text, a larger data.test_fraction, or smaller eval.factors"
-        )
+    if spec.eval.enabled:
+        block = block_length(spec.model, spec.eval.factors, spec.eval.block_tokens)
+        if n_test <= block:
+            raise RunConfigError(
+                f"the test split holds {n_test} tokens, fewer than one evaluation block of {block} "
+                f"(eval.block_tokens, or max(eval.factors) x model.context_length); use more text, "
+                f"a larger data.test_fraction, or smaller eval.factors / eval.block_tokens"
+            )
     model_cfg = replace(spec.model, vocab_size=dm.vocab_size)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved["model"] = {**model_cfg.to_dict(), "preset": spec.preset}
+    # Timing pins the CPU thread count; the logged param is the number used, not null.
+    resolved.setdefault("eval", {}).setdefault("decode", {})["threads"] = (
+        spec.eval.decode.threads or torch.get_num_threads()
+    )
 
     uri = resolve_tracking_uri(tracking_uri or cfg.tracking.uri)
     tags = {
@@ -91,13 +99,20 @@ def run(
         if throughput.tokens_per_s:
             mlflow.log_metric("cost/train_tokens_per_s", throughput.tokens_per_s)
         out_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.eval.get("enabled", True):
+        if spec.eval.enabled:
             from pipeline.evaluate import evaluate_run
 
-            device = next(lit.model.parameters()).device
-            metrics, artifacts = evaluate_run(
-                lit.model.eval(), dm.test_tokens(), OmegaConf.to_container(cfg.eval, resolve=True), device, out_dir
-            )
+            # fit() ends by moving the model to the CPU; evaluate on the device it trained on.
+            # Free the training state first (optimizer moments, gradients, the trainer's
+            # references) so the inference memory measured next is the model's alone.
+            device = trainer.strategy.root_device
+            model = lit.model.eval()
+            model.zero_grad(set_to_none=True)
+            del trainer, lit
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            metrics, artifacts = evaluate_run(model, dm.test_tokens(), resolved["eval"], device, out_dir)
             mlflow.log_metrics(metrics)
             for path in artifacts:
                 mlflow.log_artifact(str(path), "plots")

@@ -37,6 +37,7 @@ class RunSpec:
     val_batches: int
     optim: OptimConfig
     max_steps: int
+    eval: EvalConfig
 
 
 def _require(key: str, value: Any, ok: bool, valid: str) -> None:
@@ -51,7 +52,7 @@ def validate_config(cfg: DictConfig) -> RunSpec:
     try:  # evaluation runs after training: its settings are checked now, not then
         eval_cfg = EvalConfig.from_dict(c.get("eval", {}))
         if eval_cfg.enabled:
-            check_factors(model_cfg, eval_cfg.factors)
+            check_factors(model_cfg, eval_cfg.factors, eval_cfg.block_tokens)
     except ValueError as e:
         raise RunConfigError(str(e)) from None
 
@@ -85,7 +86,7 @@ def validate_config(cfg: DictConfig) -> RunSpec:
         "use a non-negative integer",
     )
     _require("optimizer.weight_decay", o.weight_decay, o.weight_decay >= 0, "use a non-negative value")
-    return RunSpec(model_cfg, preset, data_cfg, batch_size, val_batches, o, steps)
+    return RunSpec(model_cfg, preset, data_cfg, batch_size, val_batches, o, steps, eval_cfg)
 
 
 def model_from_config(c: dict[str, Any]) -> tuple[ModelConfig, str | None]:

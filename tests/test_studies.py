@@ -14,6 +14,7 @@ from omegaconf import OmegaConf, open_dict
 from hydra_plugins.pipeline_optuna_sweeper import search_space
 from hydra_plugins.pipeline_optuna_sweeper.sweeper import OptunaSweeper
 from pipeline import CONF_DIR
+from pipeline.evaluate.extrapolation import block_length
 from pipeline.run.spec import validate_config
 
 STUDIES = sorted(p.stem for p in (CONF_DIR / "ablation").glob("*.yaml"))
@@ -107,3 +108,28 @@ def test_scaling_sizes_grow():
     widths = [_compose(["ablation=scaling", f"size={s}"]).model.d_model for s in ("small", "medium", "large")]
     assert widths == sorted(widths) and len(set(widths)) == 3
     assert math.prod(len(d.grid) for d in _sweep("scaling", "cpu")[2].dimensions) >= 3 * 3 * 2
+
+
+def _points(study: str, budget: str, keep) -> list[list[str]]:
+    """The overrides of every grid point over the dimensions `keep(name)` selects."""
+    import itertools
+
+    _, _, space = _sweep(study, budget)
+    dims = [d for d in space.dimensions if d.grid is not None and keep(d.name)]
+    return [[f"{d.name}={v}" for d, v in zip(dims, values)] for values in itertools.product(*(d.grid for d in dims))]
+
+
+@pytest.mark.parametrize("budget", ["cpu", "gpu"])
+@pytest.mark.parametrize("study", STUDIES)
+def test_every_point_of_a_study_scores_the_same_extrapolation_targets(study, budget):
+    """The scored blocks depend on the test split and the block length only, so one block
+    length per study means the same targets in every run. Component groups (model/<family>)
+    and seeds cannot change the context or the eval node, so only the other axes are walked."""
+    blocks = set()
+    for point in _points(study, budget, lambda name: name != "seed" and not name.startswith("model/")):
+        trial = _compose([f"ablation={study}", f"budget={budget}", *point])
+        with open_dict(trial):
+            del trial["hydra"]
+        spec = validate_config(trial)
+        blocks.add(block_length(spec.model, spec.eval.factors, spec.eval.block_tokens))
+    assert len(blocks) == 1, f"{study}: the runs score different text (blocks of {sorted(blocks)} tokens)"

@@ -283,3 +283,17 @@ def test_cost_cli_keeps_the_presets_size_and_rejects_bad_overrides(capsys: pytes
     assert "d_model 768, 12 layers" in capsys.readouterr().out  # no CPU budget shrinking it
     assert cost_main(["model.n_heads=5"]) == 2
     assert "model.n_heads=5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bias,smallest", [(False, 13), (True, 48)])
+def test_swiglu_default_width_matches_the_gelu_mlp_within_one_percent(bias: bool, smallest: int) -> None:
+    """SwiGLU's default width 8d/3 gives its three matrices the 4d GELU MLP's parameters: within
+    1% at every d_model from 13 up (rounding costs at most 1 / (8d)). Biases add h more to
+    SwiGLU (2h + d against h + d), 1 / (3d) more: within 1% from d_model 48 up."""
+    from pipeline.model.components.base import Dims
+    from pipeline.model.components.ffn import GeluConfig, SwiGLUConfig
+
+    for d in range(smallest, 4097):
+        dims = Dims(d_model=d, n_layers=1, n_heads=1, context_length=8, bias=bias, dropout=0.0)
+        gelu, swiglu = GeluConfig().cost(dims, 8).params, SwiGLUConfig().cost(dims, 8).params
+        assert abs(swiglu / gelu - 1) < 0.01, (d, swiglu, gelu)

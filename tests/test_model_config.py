@@ -259,6 +259,47 @@ def test_moe_capacity_drops_are_counted_exactly():
     assert layer.stats.dropped.item() == 0
 
 
+def test_moe_capacity_serves_first_choices_before_second_choices():
+    # 4 tokens, top-2 of 4 experts, capacity ceil(1 * 4 * 2 / 4) = 2 per expert. Expert 0 is the
+    # second choice of tokens 0 and 1 and the first choice of tokens 2 and 3: it serves 2 and 3.
+    layer = moe_layer(top_k=2, capacity_factor=1.0)
+    x = torch.tensor([[2.0, 3.0, 0.0, -1.0]] * 2 + [[3.0, -1.0, 2.0, 0.0]] * 2)[None]  # (1, 4, 4)
+    out = layer(x)[0]
+    assert layer.stats.dropped.item() == 2
+    full = layer.eval()(x)[0]  # no capacity limit at evaluation
+    torch.testing.assert_close(out[2:], full[2:])  # both choices of tokens 2 and 3 served
+    p = torch.softmax(x[0, 0], -1)
+    first_only = p[1] / (p[1] + p[0]) * layer.expert(1, x[0, :1])  # token 0 keeps its first choice
+    torch.testing.assert_close(out[:1], first_only)
+
+
+def test_moe_capacity_is_per_sequence():
+    """Under a capacity limit, a sequence's output is the same alone or in any batch."""
+    torch.manual_seed(0)
+    layer = MoE(MoEConfig(n_experts=4, top_k=2, hidden=8, capacity_factor=0.5), dims(4), layer=0)
+    with torch.no_grad():
+        layer.router.weight.mul_(50)  # confident, uneven routing: experts overflow
+    x = torch.randn(3, 8, 4)
+    batched = layer(x)
+    assert layer.stats.dropped.item() > 0
+    for i in range(3):
+        torch.testing.assert_close(layer(x[i : i + 1]), batched[i : i + 1])
+        torch.testing.assert_close(layer(x[[i, (i + 1) % 3]])[:1], batched[i : i + 1])
+
+
+def test_moe_drops_no_token_at_evaluation():
+    torch.manual_seed(0)
+    limited = MoE(MoEConfig(n_experts=4, top_k=2, hidden=8, capacity_factor=0.25), dims(4), layer=0)
+    unlimited = MoE(MoEConfig(n_experts=4, top_k=2, hidden=8), dims(4), layer=0)
+    unlimited.load_state_dict(limited.state_dict())
+    x = torch.randn(2, 8, 4)
+    limited(x)
+    assert limited.stats.dropped.item() > 0  # training: the limit applies
+    limited.eval()
+    torch.testing.assert_close(limited(x), unlimited(x))
+    assert limited.stats.dropped.item() == 0
+
+
 def test_moe_with_one_expert_equals_dense_swiglu():
     torch.manual_seed(0)
     moe = MoE(MoEConfig(n_experts=1, top_k=1, hidden=24), dims(16), layer=0)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import statistics
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -113,17 +113,20 @@ def time_generation(model: DecoderLM, prompt: Tensor, new_tokens: int, use_cache
 class TensorBytes(TorchDispatchMode):
     """Bytes held by live tensor storages, and their peak, while the mode is active.
 
-    Every storage an operator returns is counted once (views share it) until Python frees it
-    (a weak reference's callback). `baseline` is what was alive before (the weights). The CPU
-    analogue of torch.cuda.max_memory_allocated: tensor bytes, not the allocator's pages or the
+    The storages of `existing` (the weights, the input) count from the start, once each. Every
+    other storage an operator returns is counted once (views share it) until Python frees it
+    (a weak reference's callback); views of `existing` tensors add nothing. The CPU analogue
+    of torch.cuda.max_memory_allocated: tensor bytes, not the allocator's pages or the
     process's RSS, so it neither includes training's leftovers nor depends on what malloc kept.
     """
 
-    def __init__(self, baseline: int = 0) -> None:
+    def __init__(self, existing: Iterable[Tensor] = ()) -> None:
         super().__init__()
-        self.current = self.peak = baseline
+        self.current = self.peak = 0
         self._seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._refs: set[weakref.ref] = set()
+        for t in existing:
+            self._track(t.untyped_storage())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -146,11 +149,6 @@ class TensorBytes(TorchDispatchMode):
         self.current -= nbytes
 
 
-def _model_bytes(model: DecoderLM) -> int:
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}  # a tied head counted once
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
 # What measure_inference returns beside metrics: how the numbers were taken (evaluation.json).
 MEASURE_PROTOCOL = ("threads", "peak_mem_method")
 
@@ -166,7 +164,7 @@ def peak_inference_bytes(model: DecoderLM, prompt: Tensor, new_tokens: int) -> t
         torch.cuda.reset_peak_memory_stats(device)
         time_generation(model, prompt, new_tokens)
         return float(torch.cuda.max_memory_allocated(device)), "cuda.max_memory_allocated"
-    with TensorBytes(baseline=_model_bytes(model) + prompt.numel() * prompt.element_size()) as mem:
+    with TensorBytes(existing=[*model.parameters(), *model.buffers(), prompt]) as mem:
         time_generation(model, prompt, new_tokens)
     return float(mem.peak), "live tensor bytes (TorchDispatchMode)"
 

@@ -273,7 +273,8 @@ def real_text_ppl(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[st
     test = torch.from_numpy(splits.test.astype(np.int64))  # held-out documents
     out = {}
     for pos_enc in ("learned", "sinusoidal", "rope", "alibi"):
-        out[pos_enc] = extrapolation(train_tiny(pos_enc, train), test, [1, 2, 4, 8], max_windows=8, batch_tokens=8192)
+        # Every block of the test split (93 of 512 at L = 64): the numbers docs/evaluation.md shows.
+        out[pos_enc] = extrapolation(train_tiny(pos_enc, train), test, [1, 2, 4, 8], None, batch_tokens=8192)
         print(pos_enc, {k: round(v, 2) for k, v in out[pos_enc].items()})
     return out
 
@@ -285,7 +286,7 @@ def ratio(ppl: dict[str, float]) -> float:
 @pytest.mark.slow
 def test_alibi_extrapolates_on_real_text(real_text_ppl: dict[str, dict[str, float]]) -> None:
     alibi = real_text_ppl["alibi"]
-    assert alibi["ppl_x1"] < 8  # it learned something (unigram byte perplexity is ~24)
+    assert alibi["ppl_x1"] < 10  # it learned something (unigram byte perplexity is ~24)
     assert 0.9 < ratio(alibi) < 1.1 and alibi["ppl_x8"] / alibi["ppl_x1"] < 1.1
 
 
@@ -302,6 +303,6 @@ def test_other_positions_do_not_extrapolate_on_real_text(
     real_text_ppl: dict[str, dict[str, float]], pos_enc: str
 ) -> None:
     ppl = real_text_ppl[pos_enc]
-    assert ppl["ppl_x1"] < 8
+    assert ppl["ppl_x1"] < 10
     assert ratio(ppl) > 2 * ratio(real_text_ppl["alibi"])
     assert ppl["ppl_x1"] < ppl["ppl_x2"] < ppl["ppl_x4"]

@@ -155,17 +155,27 @@ MEASURE_PROTOCOL = ("threads", "peak_mem_method")
 
 @torch.no_grad()
 def peak_inference_bytes(model: DecoderLM, prompt: Tensor, new_tokens: int) -> tuple[float, str]:
-    """(peak bytes, method) of one cached generation: the weights plus everything inference
+    """(peak bytes, method) of cached generation: the weights plus everything inference
     allocates (KV cache, activations, logits). CUDA: the allocator's peak after a reset, so
-    only what is alive now counts (the caller frees the optimizer first). CPU: TensorBytes."""
+    only what is alive now counts (the caller frees the optimizer first). CPU: TensorBytes.
+
+    It runs the prefill and the first decode step, with the cache sized for all `new_tokens`:
+    later steps allocate the same, up to new_tokens more attention scores per head and row.
+    """
     device = prompt.device
+
+    def generate() -> None:
+        cache = model.new_cache(prompt.shape[0], prompt.shape[1] + new_tokens)
+        logits = model(prompt, cache=cache)[:, -1]
+        model(logits.argmax(dim=-1, keepdim=True), cache=cache)
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-        time_generation(model, prompt, new_tokens)
+        generate()
         return float(torch.cuda.max_memory_allocated(device)), "cuda.max_memory_allocated"
     with TensorBytes(existing=[*model.parameters(), *model.buffers(), prompt]) as mem:
-        time_generation(model, prompt, new_tokens)
+        generate()
     return float(mem.peak), "live tensor bytes (TorchDispatchMode)"
 
 

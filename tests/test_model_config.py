@@ -321,3 +321,20 @@ def test_moe_router_stays_fp32_under_bf16_autocast() -> None:
         logits, aux = model(torch.randint(0, 50, (2, 8)), return_aux=True)
     assert logits.dtype == torch.bfloat16  # the rest of the model does run in bf16
     assert aux["moe_z"].dtype == torch.float32 and aux["moe_balance"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("token_rms", [1.0, 0.25])
+def test_sinusoidal_tokens_enter_at_the_set_rms_beside_the_encoding(token_rms: float):
+    """Issue 10: the GPT init (0.02) x sqrt(d) put tokens at RMS 0.16 against the sinusoids'
+    0.71. `token_rms` is the tokens' RMS after the sqrt(d) scale, at every width."""
+    for d in (64, 256):
+        torch.manual_seed(0)
+        cfg = ModelConfig.from_preset("gpt2", d_model=d, pos_enc={"name": "sinusoidal", "token_rms": token_rms})
+        model = DecoderLM(cfg)
+        x = model.tok_emb(torch.arange(256)[None])
+        tokens = model.pos.embed(x, 0) - model.pos.embed(torch.zeros_like(x), 0)  # x * sqrt(d)
+        positions = model.pos.embed(torch.zeros_like(x), 0)
+        assert tokens.pow(2).mean().sqrt().item() == pytest.approx(token_rms, rel=0.05)
+        assert positions.pow(2).mean().sqrt().item() == pytest.approx(0.5**0.5, rel=1e-3)
+    with pytest.raises(ConfigError, match=r"model\.pos_enc\.token_rms=0"):
+        ModelConfig.from_preset("gpt2", pos_enc={"name": "sinusoidal", "token_rms": 0})

@@ -50,10 +50,11 @@ def run(
     if spec.eval.enabled:
         block = block_length(spec.model, spec.eval.factors, spec.eval.block_tokens)
         if n_test <= block:
+            e, L = spec.eval, spec.model.context_length
+            source = f"eval.block_tokens={block}" if e.block_tokens else f"max(eval.factors)={max(e.factors)} x {L}"
             raise RunConfigError(
-                f"the test split holds {n_test} tokens, fewer than one evaluation block of {block} "
-                f"(eval.block_tokens, or max(eval.factors) x model.context_length); use more text, "
-                f"a larger data.test_fraction, or smaller eval.factors / eval.block_tokens"
+                f"the test split holds {n_test} tokens, fewer than one evaluation block of {source} + 1; "
+                f"use more text, a larger data.test_fraction, or smaller eval.factors / eval.block_tokens"
             )
     model_cfg = replace(spec.model, vocab_size=dm.vocab_size)
     resolved = OmegaConf.to_container(cfg, resolve=True)

@@ -15,9 +15,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import CONF_DIR
+from pipeline.model.families import FAMILIES
 from pipeline.run.spec import INVALID_CONFIG, validate_config
 
-COMPONENT_GROUPS = ("model/pos_enc", "model/norm", "model/attention", "model/ffn")
+COMPONENT_GROUPS = tuple(f"model/{family}" for family in FAMILIES)
 
 
 def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.run.runner import run
     from pipeline.tracking import resolve_tracking_uri
+    from pipeline.tracking.schema import Artifact, Tag
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-"):
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         client = MlflowClient(uri)
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = OmegaConf.load(client.download_artifacts(run_id, "config.yaml", tmp))
+            cfg = OmegaConf.load(client.download_artifacts(run_id, Artifact.CONFIG, tmp))
     except MlflowException as e:
         print(f"error: cannot read run {run_id} in {uri}: {e.message.splitlines()[0]}", file=sys.stderr)
         return 2
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out_dir = Path("outputs") / cfg.study / f"rerun-{run_id[:8]}-{time.strftime('%Y-%m-%d_%H-%M-%S')}"
-    run(cfg, spec, overrides, out_dir, extra_tags={"rerun_of": run_id}, tracking_uri=uri)
+    run(cfg, spec, overrides, out_dir, extra_tags={Tag.RERUN_OF: run_id}, tracking_uri=uri)
     return 0
 
 

@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from pipeline.interop.hf import UnsupportedModelError, from_hf, to_hf  # noqa: E402
 from pipeline.model import DecoderLM, ModelConfig  # noqa: E402
+from pipeline.model.families import FAMILIES  # noqa: E402
 
 V, T = 64, 16
 NO_SPECIAL = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
@@ -122,7 +123,7 @@ def test_from_hf_gives_the_preset_architecture(preset):
     hf = HF_MODELS[preset]()
     cfg = from_hf(hf).cfg
     want = ModelConfig.from_preset(preset)
-    for family in ("pos_enc", "norm", "attention", "ffn"):
+    for family in FAMILIES:
         assert getattr(cfg, family).name == getattr(want, family).name, family
     assert cfg.placement == want.placement
     assert (cfg.bias, cfg.tie_embeddings) == (want.bias, want.tie_embeddings)

@@ -317,6 +317,27 @@ def test_pipeline_trial_failures_and_invalid_points(tmp_path):
     }
 
 
+def test_a_point_reading_more_than_max_epochs_is_skipped(tmp_path):
+    """With the corpus in the token cache, validation reads the train split's size from its
+    metadata: the point past data.max_epochs is skipped with the numbers, the other one runs."""
+    from pipeline.data import DataConfig, load_token_splits
+
+    load_token_splits(DataConfig(), tmp_path / ".cache" / "tokens")  # the cache the sweep's runs use
+    r = _train(
+        tmp_path,
+        "hydra/sweeper=optuna",
+        "study=epochs",
+        "data.max_epochs=choice(2,0.0001)",
+        "hydra.sweeper.validate=pipeline.run.spec.validate_config",
+    )
+    trials = {t.params["data.max_epochs"]: t for t in _study(tmp_path, "epochs").trials}
+    assert trials[2].state == TrialState.COMPLETE, r.stderr[-3000:]
+    assert "reads 512 train tokens" in trials[0.0001].user_attrs["skipped"]
+    assert "more than data.max_epochs=0.0001" in trials[0.0001].user_attrs["skipped"]
+    _, children = _runs(tmp_path, "epochs")
+    assert len(children) == 1
+
+
 @pytest.mark.slow  # ~3 training runs; the pruner itself is covered fast on the toy app
 def test_pruning_callback_prunes_a_run_that_cannot_learn(tmp_path):
     """lr=1e-7 cannot lower the loss; the median pruner stops it at its first validation."""

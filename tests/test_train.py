@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from pipeline.model.families import FAMILIES
 from tests.helpers.cli import TINY, cli
 
 EVAL_OFF = ["eval.enabled=false"]
@@ -45,7 +46,7 @@ def test_run_logs_curves_tags_params_artifacts(first_run) -> None:
     assert sorted(m.step for m in val) == [10, 20] or len(val) == 2
     assert {"lr", "val/ppl", "train/tokens_seen"} <= set(run.data.metrics)
     tags = run.data.tags
-    assert (tags["pos_enc"], tags["norm"], tags["attention"], tags["ffn"]) == ("alibi", "rmsnorm", "gqa", "swiglu")
+    assert tuple(tags[f] for f in FAMILIES) == ("alibi", "rmsnorm", "gqa", "swiglu")
     assert tags["preset"] == "llama" and tags["study"] == "default" and tags["seed"] == "3"
     assert tags["git_commit"]
     params = run.data.params
@@ -53,6 +54,10 @@ def test_run_logs_curves_tags_params_artifacts(first_run) -> None:
     assert params["model.pos_enc.name"] == "alibi"
     assert params["trainer.max_steps"] == "20"
     assert "model.ffn.n_experts" not in params  # a dense run never logs MoE settings
+    # Measured once per corpus, logged with every run: leakage and the n-gram floors.
+    assert 0 <= float(params["data.overlap.val_train"]) < 0.01 and 0 <= float(params["data.overlap.test_train"]) < 0.01
+    floors = [run.data.metrics[f"floor/ngram{n}"] for n in (1, 2, 3, 4)]
+    assert floors == sorted(floors, reverse=True) and floors[-1] > 1.0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "overrides.txt", "plots"} <= artifacts
     assert "plots/loss_curve.png" in {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
@@ -100,18 +105,74 @@ def test_rerun_reproduces_the_curve_exactly(first_run) -> None:
         ("eval.factors=[1,4096]", "max(eval.factors)=4096"),  # test text too short: found after loading data
     ],
 )
-def test_bad_override_exits_with_short_message_and_no_run(tmp_path: Path, override: str, needle: str) -> None:
-    proc = cli("pipeline.train", [*TINY, *override.split()], tmp_path)
+def test_bad_override_exits_with_short_message_and_no_run(tmp_path: Path, tiny, override: str, needle: str) -> None:
+    proc = cli("pipeline.train", [*tiny, *override.split()], tmp_path)
     assert proc.returncode != 0
     assert needle in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) <= 25
     assert runs(tmp_path) == []
 
 
-def test_failed_training_ends_run_failed_with_reason(tmp_path: Path) -> None:
+def test_run_reading_train_more_than_max_epochs_is_refused_before_training(tmp_path: Path, tiny) -> None:
+    """20 steps x 8 x 32 = 5,120 tokens against 1.8M: 0.003 epochs, above data.max_epochs=0.001.
+    The corpus is not cached yet: the runner refuses right after loading it, before any MLflow run."""
+    proc = cli("pipeline.train", [*tiny, *EVAL_OFF, "data.max_epochs=0.001"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert "reads 5,120 train tokens" in line and "more than data.max_epochs=0.001" in line
+    assert "trainer.max_steps" in line and "data=wikitext103" in line
+    assert runs(tmp_path) == []
+
+
+def test_epochs_are_checked_at_validation_once_the_corpus_is_cached(tmp_path: Path) -> None:
+    """With the token cache present, validate_config (the sweeper's skip hook) refuses the point
+    from the cache's metadata alone."""
+    from hydra import compose, initialize_config_dir
+
+    from pipeline import CONF_DIR
+    from pipeline.data import DataConfig, load_token_splits
+    from pipeline.run.spec import RunConfigError, validate_config
+
+    cache = tmp_path / "tokens"
+    train_tokens = len(load_token_splits(DataConfig(), cache).train)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        # Two epochs exactly is allowed; one more step is not.
+        steps = 2 * train_tokens // (16 * 64)
+        ok = compose("train", [f"data.cache_dir={cache}", f"trainer.max_steps={steps}", "budget=cpu"])
+        too_many = compose("train", [f"data.cache_dir={cache}", f"trainer.max_steps={steps + 1}", "budget=cpu"])
+    assert validate_config(ok).max_epochs == 2
+    with pytest.raises(RunConfigError, match=r"epochs of the [\d,]+-token train split, more than data.max_epochs=2"):
+        validate_config(too_many)
+
+
+def test_gpu_budget_reads_wikitext_and_fails_offline_before_any_run(tmp_path: Path, tiny) -> None:
+    """budget=gpu defaults to WikiText-103 from the hub; offline and not cached, one line says
+    what was tried and how to point data.name at a local copy."""
+    proc = cli("pipeline.train", [*tiny, "budget=gpu"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert "load_dataset('Salesforce/wikitext', 'wikitext-103-raw-v1', split='train')" in line
+    assert "data.name=DIR" in line and "Traceback" not in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_failed_training_ends_run_failed_with_reason(tmp_path: Path, tiny) -> None:
     """A NaN loss mid-training: the run ends FAILED and says why."""
-    proc = cli("pipeline.train", [*TINY, *EVAL_OFF, "optimizer.lr=1e6", "trainer.gradient_clip_val=null"], tmp_path)
+    proc = cli("pipeline.train", [*tiny, *EVAL_OFF, "optimizer.lr=1e6", "trainer.gradient_clip_val=null"], tmp_path)
     assert proc.returncode != 0
     (run,) = runs(tmp_path)
     assert run.info.status == "FAILED"
     assert "train/loss is nan" in run.data.tags["failure_reason"]
+
+
+def test_a_run_shorter_than_the_validation_interval_validates_at_its_end(tmp_path: Path) -> None:
+    """trainer.max_steps=4 under the CPU budget (val_check_interval 100): the interval is clamped
+    to 4, the run validates once and logs the interval it used."""
+    short = [a for a in TINY if not a.startswith(("trainer.max_steps=", "trainer.val_check_interval="))]
+    proc = cli("pipeline.train", [*short, *EVAL_OFF, "budget=cpu", "trainer.max_steps=4"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = runs(tmp_path)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["trainer.val_check_interval"] == "4"
+    assert len(client_for(tmp_path).get_metric_history(run.info.run_id, "val/loss")) == 1  # at the end
+    assert run.data.metrics["train/seconds"] > 0

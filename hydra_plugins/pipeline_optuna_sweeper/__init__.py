@@ -4,5 +4,6 @@ trials that do not stop the sweep. See docs/sweeps.md."""
 
 from . import config  # noqa: F401  (registers hydra/sweeper=optuna)
 from .sweeper import SweepFailedError, current_trial, last_summary
+from .workers import is_worker
 
-__all__ = ["SweepFailedError", "current_trial", "last_summary"]
+__all__ = ["SweepFailedError", "current_trial", "is_worker", "last_summary"]

@@ -5,14 +5,17 @@
     splits = load_token_splits(cfg)          # .train/.val/.test 1-D numpy arrays, .cache_hit
     dm = LMDataModule(cfg, context_length=64, batch_size=32, seed=0)
 
-The pipeline, for every source:
+The pipeline, for every source (a registry: pipeline.data.sources):
   1. documents: a `datasets.Dataset` with a text column (the embedded corpus, the user's text
      files, or a hub / local dataset);
-  2. tokens: each document encoded on its own (bytes by default), followed by an end-of-document id;
-  3. splits: documents shuffled with `split_seed`, then test and val filled up to their share of
-     tokens and the rest to train, so held-out text is never seen in training;
-  4. cache: the three arrays saved in one .npz keyed by corpus, split and tokenizer, written
-     atomically; the next run (and every trial of a sweep) loads it and skips steps 1-3.
+  2. near-duplicates: documents mostly contained in longer ones are dropped, and documents that
+     share 64-byte windows are grouped (pipeline.data.overlap);
+  3. tokens: each document encoded on its own (bytes by default), followed by an end-of-document id;
+  4. splits: groups shuffled with `split_seed`, then test and val filled up to their share of
+     tokens and the rest to train, so held-out text is not seen in training; the remaining
+     verbatim overlap and the n-gram floors (pipeline.data.ngram) are measured;
+  5. cache: the arrays and those numbers saved in one .npz keyed by corpus, split and tokenizer,
+     written atomically; the next run (and every trial of a sweep) loads it and skips steps 1-4.
 """
 
 from pipeline.data.cache import load_token_splits

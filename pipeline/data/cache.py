@@ -13,47 +13,17 @@ from typing import Any
 import numpy as np
 
 from pipeline.data.config import SPLITS, DataConfig
-from pipeline.data.sources import embedded_documents
-from pipeline.data.splits import TokenSplits, tokenize_and_split
+from pipeline.data.sources import get_source
+from pipeline.data.splits import META, TokenSplits, tokenize_and_split
 
 log = logging.getLogger(__name__)
-CACHE_FORMAT = 1  # bump when the cache layout or the splitting rule changes
-
-
-def _stat(path: Path) -> dict[str, Any]:
-    st = path.stat()
-    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def corpus_identity(cfg: DataConfig) -> dict[str, Any]:
-    """What makes the corpus what it is, computed without reading it (except the small embedded one)."""
-    if cfg.source == "embedded":
-        docs = embedded_documents()["text"]
-        return {"source": "embedded", "sha256": hashlib.sha256("\x00".join(docs).encode()).hexdigest()}
-    if cfg.source == "text_files":
-        return {
-            "source": "text_files",
-            "files": [_stat(Path(f).expanduser()) for f in cfg.files],
-            "sample_by": cfg.sample_by,
-        }
-    ident: dict[str, Any] = {
-        "source": "hf",
-        "name": cfg.name,
-        "config": cfg.config,
-        "split": cfg.split,
-        "text_field": cfg.text_field,
-    }
-    local = Path(cfg.name).expanduser()
-    if local.exists():  # a local directory: its files, so edits invalidate the cache
-        files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
-        ident["files"] = [_stat(p) for p in files]
-    return ident
+CACHE_FORMAT = 2  # bump when the cache layout or the splitting rule changes (2: near-duplicates, floors)
 
 
 def cache_key(cfg: DataConfig) -> str:
     ident = {
         "format": CACHE_FORMAT,
-        "corpus": corpus_identity(cfg),
+        "corpus": get_source(cfg.source).identity(cfg),
         "split": {"val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction, "split_seed": cfg.split_seed},
         "tokenizer": cfg.tokenizer,
     }
@@ -68,7 +38,7 @@ def default_cache_dir(cfg: DataConfig) -> Path:
 def _save(path: Path, splits: TokenSplits) -> None:
     """Write the splits to `path` atomically: a temp file in the same folder, then rename, so a
     concurrent reader sees either no file or the whole file."""
-    meta = {k: getattr(splits, k) for k in ("vocab_size", "tokenizer", "eos_id", "split_by", "documents")}
+    meta = {k: getattr(splits, k) for k in META}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -83,6 +53,17 @@ def _load(path: Path) -> TokenSplits:
     with np.load(path) as z:
         meta = json.loads(str(z["meta"]))
         return TokenSplits(train=z["train"], val=z["val"], test=z["test"], cache_hit=True, cache_path=path, **meta)
+
+
+def cached_meta(cfg: DataConfig, cache_dir: Path | None = None) -> dict[str, Any] | None:
+    """The cached corpus's metadata (split sizes, overlap, floors) without reading its tokens;
+    None when it is not cached yet. Cheap enough for config validation."""
+    path = (Path(cache_dir) if cache_dir is not None else default_cache_dir(cfg)) / f"{cache_key(cfg)}.npz"
+    try:
+        with np.load(path) as z:  # an .npz is a zip: only the `meta` member is read
+            return json.loads(str(z["meta"]))
+    except Exception:  # absent, or unreadable (it is rebuilt on load)
+        return None
 
 
 def load_token_splits(cfg: DataConfig, cache_dir: Path | None = None) -> TokenSplits:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -10,8 +11,6 @@ from typing import Any
 
 from pipeline.checks import check_keys
 
-SOURCES = ("embedded", "text_files", "hf")
-SAMPLE_BY = ("document", "paragraph")  # text_files: one document per file, or per blank-line paragraph
 SPLITS = ("train", "val", "test")
 
 
@@ -21,7 +20,7 @@ class DataConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "embedded"  # embedded | text_files | hf
+    source: str = "embedded"  # a name in pipeline.data.sources.SOURCES: embedded | text_files | hf
     files: tuple[str, ...] = ()  # text_files: paths, each file one document (see sample_by)
     sample_by: str = "document"  # text_files: document | paragraph
     name: str | None = None  # hf: hub id, or a local dataset directory
@@ -48,31 +47,19 @@ class DataConfig:
         return cfg
 
     def validate(self) -> None:
-        if self.source not in SOURCES:
-            raise DataConfigError(f"data.source='{self.source}' is not a known source; valid: {', '.join(SOURCES)}")
+        from pipeline.data.sources import SOURCES, get_source  # sources import this module
+
+        source = get_source(self.source)
         # Settings of one source given to another are a typo or a forgotten `data=...`: say so.
-        for key, owner in (("files", "text_files"), ("name", "hf"), ("config", "hf")):
-            if getattr(self, key) and self.source != owner:
-                raise DataConfigError(
-                    f"data.{key} is only read with data.source={owner} (source is '{self.source}'); "
-                    f"select it with data={owner}"
-                )
-        if self.source == "text_files":
-            if not self.files:
-                raise DataConfigError("data.files is empty; give data.files=[path,...] with data=text_files")
-            for f in self.files:
-                p = Path(f).expanduser()
-                if not p.exists():
-                    raise DataConfigError(f"data.files: '{f}' does not exist")
-                if not p.is_file():
-                    raise DataConfigError(f"data.files: '{f}' is not a file")
-            if self.sample_by not in SAMPLE_BY:
-                raise DataConfigError(f"data.sample_by='{self.sample_by}' is not valid; valid: {', '.join(SAMPLE_BY)}")
-        if self.source == "hf":
-            if not self.name:
-                raise DataConfigError("data.name is required with data=hf (a hub id or a local dataset directory)")
-            if _looks_like_path(self.name) and not Path(self.name).expanduser().exists():
-                raise DataConfigError(f"data.name: local dataset directory '{self.name}' does not exist")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for other in SOURCES.values():
+            for key in other.settings:
+                if key not in source.settings and getattr(self, key) != defaults[key]:
+                    raise DataConfigError(
+                        f"data.{key} is only read with data.source={other.name} (source is '{self.source}'); "
+                        f"select it with data={other.name}"
+                    )
+        source.validate(self)
         for key in ("val_fraction", "test_fraction"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:

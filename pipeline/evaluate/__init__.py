@@ -3,7 +3,7 @@
     from pipeline.evaluate import evaluate_run
     metrics, artifacts = evaluate_run(model, test_tokens, eval_cfg, device, out_dir)
 
-metrics are the `extrap/*` and `cost/*` MLflow metrics of design.md (all floats);
+metrics are the `extrap/*` and `cost/*` MLflow metrics of pipeline.tracking.schema (all floats);
 artifacts the files written under out_dir (extrapolation.png, evaluation.json).
 """
 
@@ -22,6 +22,8 @@ from pipeline.checks import check_keys
 from pipeline.evaluate.cost import MEASURE_PROTOCOL, analytic_cost, cost_metrics, measure_inference
 from pipeline.evaluate.extrapolation import ROPE_SCALINGS, extrapolation, plot_extrapolation
 from pipeline.model import DecoderLM
+from pipeline.model.families import FAMILIES
+from pipeline.tracking import schema
 
 
 @dataclass
@@ -107,14 +109,14 @@ def evaluate_run(
     cost_s = time.perf_counter() - start - extrap_s
 
     c = model.cfg
-    title = f"{c.pos_enc.name} / {c.norm.name} / {c.attention.name} / {c.ffn.name}"
+    title = " / ".join(getattr(c, family).name for family in FAMILIES)
     png = plot_extrapolation(ppl, cfg.factors, c.context_length, out_dir / "extrapolation.png", title)
 
     protocol = {k: ppl.pop(k) for k in [k for k in ppl if not k.startswith("ppl")]}
-    metrics = {f"extrap/{k}": v for k, v in ppl.items()}
+    metrics = {schema.extrap(k): v for k, v in ppl.items()}
     protocol.update({k: measured.pop(k) for k in MEASURE_PROTOCOL})
     metrics.update(cost_metrics(analytic, measured))
-    metrics["eval/seconds"] = time.perf_counter() - start  # its share of a trial stays visible
+    metrics[schema.Metric.EVAL_SECONDS] = time.perf_counter() - start  # its share of a trial stays visible
     record = out_dir / "evaluation.json"
     record.write_text(
         json.dumps(

@@ -37,6 +37,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
 from pipeline.model import DecoderLM, ModelConfig
+from pipeline.tracking import schema
 
 
 def analytic_cost(
@@ -281,8 +282,8 @@ def format_table(cost: dict[str, float], title: str = "") -> str:
 
 
 def cost_metrics(analytic: dict[str, float], measured: dict[str, Any]) -> dict[str, float]:
-    """The `cost/*` MLflow metrics of one run (design.md's schema)."""
+    """The `cost/*` MLflow metrics of one run (names: pipeline.tracking.schema)."""
     keys = ("params_total", "params_active", "flops_per_token", "kv_bytes_per_token")
-    out = {f"cost/{k}": float(analytic[k]) for k in keys}
-    out.update({f"cost/{k}": float(v) for k, v in measured.items()})
+    out = {schema.cost(k): float(analytic[k]) for k in keys}
+    out.update({schema.cost(k): float(v) for k, v in measured.items()})
     return out

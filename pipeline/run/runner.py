@@ -1,20 +1,30 @@
-"""One run end to end: data, model, Lightning training, evaluation, MLflow record."""
+"""One run end to end: data, model, Lightning training, evaluation, MLflow record.
+
+`run` reads as the list of its steps; each step is a function below. The MLflow run's status
+(FINISHED, FAILED with the reason, KILLED when pruned or interrupted) is set in one place,
+`pipeline.tracking.runs.tracked_run`. Names of what is logged: pipeline.tracking.schema.
+"""
 
 from __future__ import annotations
 
 import gc
 import logging
+import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.data import LMDataModule
 from pipeline.evaluate.extrapolation import block_length
 from pipeline.run.spec import RunConfigError, RunSpec
+from pipeline.tracking.schema import Artifact, Metric, Param, Tag, floor_ngram
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.model import DecoderLM, ModelConfig
 
 
 def run(
@@ -30,22 +40,49 @@ def run(
     The store: `tracking_uri` (the caller's explicit choice), else `tracking.uri`, else
     MLFLOW_TRACKING_URI, else ./mlflow.db."""
     import lightning as L
-    import mlflow
-    from hydra.utils import instantiate
 
-    from pipeline.run.callbacks import Throughput
-    from pipeline.run.module import LitDecoderLM
     from pipeline.tracking import resolve_tracking_uri, runs
-    from pipeline.tracking.plots import plot_loss_curves
-    from pipeline.tracking.sweep import trial_callbacks
 
     # Lightning's per-run banners (accelerator, tips) repeat 90 times in a sweep; keep warnings.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    uri = resolve_tracking_uri(tracking_uri or cfg.tracking.uri)
+    tuned_tags: dict[str, str] = {}
+    if spec.optim.lr_from:  # this arm's tuned lr and warmup (optimizer.lr_from), before any data
+        from pipeline.tracking.tuned import apply_tuned
+
+        cfg, spec, tuned_tags = apply_tuned(cfg, spec, uri)
+    dm = prepare_data(cfg, spec)
+    model_cfg = replace(spec.model, vocab_size=dm.vocab_size)  # the tokenizer decides the vocabulary
+
+    tags = {**run_tags(cfg, spec, model_cfg), **tuned_tags, **(extra_tags or {})}
+    with runs.tracked_run(uri, cfg.study, run_name(cfg, model_cfg), tags, cfg.tracking.system_metrics) as active:
+        record_config(cfg, spec, model_cfg, overrides, dm)
+        model, val_loss, device = train(cfg, spec, model_cfg, dm, runs.lightning_logger(uri, active.info.run_id))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if spec.eval.enabled:
+            evaluate(cfg, spec, model, device, dm, out_dir)
+        record_loss_curves(uri, active.info.run_id, out_dir)
+    return val_loss
+
+
+# -- the steps ------------------------------------------------------------------------------------
+
+
+def prepare_data(cfg: DictConfig, spec: RunSpec) -> LMDataModule:
+    """Load (or tokenize and cache) the splits; refuse, before any MLflow run exists, a run that
+    reads train more than data.max_epochs times (validation checks it only when the corpus was
+    already cached) and a test split too short for one evaluation window."""
     dm = LMDataModule(
-        spec.data, spec.model.context_length, spec.batch_size, seed=cfg.seed, val_batches=spec.val_batches
+        spec.data,
+        spec.model.context_length,
+        spec.batch_size,
+        seed=cfg.seed,
+        val_batches=spec.val_batches,
+        pin_memory=_on_cuda(cfg.trainer.accelerator),  # page-locked batches copy to the GPU asynchronously
     )
     dm.setup("fit")
+    spec.check_epochs(len(dm.splits.train))
     n_test = len(dm.splits.test)
     if spec.eval.enabled:
         block = block_length(spec.model, spec.eval.factors, spec.eval.block_tokens)
@@ -56,66 +93,146 @@ def run(
                 f"the test split holds {n_test} tokens, fewer than one evaluation block of {source} + 1; "
                 f"use more text, a larger data.test_fraction, or smaller eval.factors / eval.block_tokens"
             )
-    model_cfg = replace(spec.model, vocab_size=dm.vocab_size)
+    return dm
+
+
+def run_tags(cfg: DictConfig, spec: RunSpec, model_cfg: ModelConfig) -> dict[str, str]:
+    """The tags every training run carries (pipeline.tracking.schema.Tag)."""
+    from pipeline.tracking.runs import git_commit
+
+    return {
+        **{family: getattr(model_cfg, family).name for family in Tag.FAMILIES},
+        Tag.PLACEMENT: model_cfg.placement,
+        Tag.STUDY: cfg.study,
+        Tag.SEED: str(cfg.seed),
+        Tag.GIT_COMMIT: git_commit(),
+        **({Tag.PRESET: spec.preset} if spec.preset else {}),
+    }
+
+
+def run_name(cfg: DictConfig, model_cfg: ModelConfig) -> str:
+    """`tracking.run_name`, else the components and the seed: `rope-rmsnorm-gqa-swiglu-s0`."""
+    components = "-".join(getattr(model_cfg, family).name for family in Tag.FAMILIES)
+    return cfg.tracking.run_name or f"{components}-s{cfg.seed}"
+
+
+def eval_config(cfg: DictConfig, spec: RunSpec) -> dict[str, Any]:
+    """The eval settings as used: timing pins the CPU thread count, so eval.decode.threads is
+    the number used (logged as a param), not null."""
+    import torch
+
+    e = OmegaConf.to_container(cfg.eval, resolve=True) if "eval" in cfg else {}
+    e.setdefault("decode", {})["threads"] = spec.eval.decode.threads or torch.get_num_threads()
+    return e
+
+
+def resolved_config(cfg: DictConfig, spec: RunSpec, model_cfg: ModelConfig) -> dict[str, Any]:
+    """The config as run: Hydra's, with the model as built (vocabulary, table length, preset)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved["model"] = {**model_cfg.to_dict(), "preset": spec.preset}
-    # Timing pins the CPU thread count; the logged param is the number used, not null.
-    resolved.setdefault("eval", {}).setdefault("decode", {})["threads"] = (
-        spec.eval.decode.threads or torch.get_num_threads()
-    )
+    resolved["trainer"]["val_check_interval"] = spec.val_check_interval  # the value used
+    resolved["eval"] = eval_config(cfg, spec)
+    return resolved
 
-    uri = resolve_tracking_uri(tracking_uri or cfg.tracking.uri)
-    tags = {
-        "pos_enc": model_cfg.pos_enc.name,
-        "norm": model_cfg.norm.name,
-        "attention": model_cfg.attention.name,
-        "ffn": model_cfg.ffn.name,
-        "placement": model_cfg.placement,
-        "study": cfg.study,
-        "seed": str(cfg.seed),
-        "git_commit": runs.git_commit(),
-        **({"preset": spec.preset} if spec.preset else {}),
-        **(extra_tags or {}),
-    }
-    name = cfg.tracking.run_name or (
-        f"{model_cfg.pos_enc.name}-{model_cfg.norm.name}-{model_cfg.attention.name}-{model_cfg.ffn.name}-s{cfg.seed}"
-    )
-    with runs.tracked_run(uri, cfg.study, name, tags, cfg.tracking.system_metrics) as active:
-        run_id = active.info.run_id
-        runs.log_params(runs.flatten(resolved))
-        mlflow.log_text(OmegaConf.to_yaml(OmegaConf.create(resolved)), "config.yaml")
-        mlflow.log_text("\n".join(overrides) + "\n", "overrides.txt")
-        mlflow.set_tag("cache_hit", str(dm.splits.cache_hit).lower())
 
-        lit = LitDecoderLM(model_cfg, spec.optim, spec.max_steps)
-        throughput = Throughput()
-        trainer = instantiate(
-            cfg.trainer, logger=runs.lightning_logger(uri, run_id), callbacks=[throughput, *trial_callbacks(cfg)]
+def record_config(
+    cfg: DictConfig, spec: RunSpec, model_cfg: ModelConfig, overrides: list[str], dm: LMDataModule
+) -> None:
+    """Params (the resolved config, flattened), config.yaml (what rerun starts from), the overrides."""
+    import mlflow
+
+    from pipeline.tracking import runs
+
+    resolved = resolved_config(cfg, spec, model_cfg)
+    runs.log_params(runs.flatten(resolved))
+    mlflow.log_text(OmegaConf.to_yaml(OmegaConf.create(resolved)), Artifact.CONFIG)
+    mlflow.log_text("\n".join(overrides) + "\n", Artifact.OVERRIDES)
+    mlflow.set_tag(Tag.CACHE_HIT, str(dm.splits.cache_hit).lower())
+    # Per corpus, measured once and cached with the tokens: leakage and the n-gram floors.
+    overlap = dm.splits.overlap
+    if overlap:
+        mlflow.log_params(
+            {
+                Param.DATA_OVERLAP_VAL_TRAIN: round(overlap["val_train"], 6),
+                Param.DATA_OVERLAP_TEST_TRAIN: round(overlap["test_train"], 6),
+            }
         )
-        trainer.fit(lit, datamodule=dm)
-        if trainer.interrupted:
-            raise KeyboardInterrupt("training interrupted")
-        val_loss = float(trainer.callback_metrics["val/loss"])
+    floors = dm.splits.floors  # {"ngram1": loss, ...}
+    mlflow.log_metrics({floor_ngram(int(k.removeprefix("ngram"))): v for k, v in floors.items()})
 
-        if throughput.tokens_per_s:
-            mlflow.log_metric("cost/train_tokens_per_s", throughput.tokens_per_s)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if spec.eval.enabled:
-            from pipeline.evaluate import evaluate_run
 
-            # fit() ends by moving the model to the CPU; evaluate on the device it trained on.
-            # Free the training state first (optimizer moments, gradients, the trainer's
-            # references) so the inference memory measured next is the model's alone.
-            device = trainer.strategy.root_device
-            model = lit.model.eval()
-            model.zero_grad(set_to_none=True)
-            del trainer, lit
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            metrics, artifacts = evaluate_run(model, dm.test_tokens(), resolved["eval"], device, out_dir)
-            mlflow.log_metrics(metrics)
-            for path in artifacts:
-                mlflow.log_artifact(str(path), "plots")
-        mlflow.log_artifact(str(plot_loss_curves(uri, run_id, out_dir / "loss_curve.png")), "plots")
-    return val_loss
+def train(
+    cfg: DictConfig, spec: RunSpec, model_cfg: ModelConfig, dm: LMDataModule, logger: Any
+) -> tuple[DecoderLM, float, torch.device]:
+    """Fit the model; returns it, the final val/loss and the device it trained on. Training
+    throughput is logged as a cost metric; an interrupted fit raises KeyboardInterrupt (the run
+    ends KILLED). The training state (optimizer moments, gradients, the trainer) is freed before
+    returning, so the inference memory measured next is the model's alone."""
+    import mlflow
+    import torch
+    from hydra.utils import instantiate
+
+    from pipeline.run.callbacks import Throughput
+    from pipeline.run.module import LitDecoderLM
+    from pipeline.tracking.sweep import trial_callbacks, trial_trainer_kwargs
+
+    on_cuda = _on_cuda(cfg.trainer.accelerator)
+    # On a GPU the finite-loss check and the throughput clock sync with the host only every few
+    # steps, not every step (a sync stalls the kernel queue).
+    lit = LitDecoderLM(model_cfg, spec.optim, spec.max_steps, check_finite_every=10 if on_cuda else 1)
+    throughput = Throughput(sync=on_cuda)
+    trainer = instantiate(
+        cfg.trainer,
+        val_check_interval=spec.val_check_interval,
+        logger=logger,
+        callbacks=[throughput, *trial_callbacks(cfg)],
+        **trial_trainer_kwargs(),
+    )
+    tic = time.perf_counter()
+    trainer.fit(lit, datamodule=dm)
+    if trainer.interrupted:
+        raise KeyboardInterrupt("training interrupted")
+    lit.check_finite()  # the steps since the last check
+    # Training's share of the trial: with eval/seconds, the rest of a trial is overhead.
+    mlflow.log_metric(Metric.TRAIN_SECONDS, time.perf_counter() - tic)
+    if throughput.tokens_per_s:
+        mlflow.log_metric(Metric.COST_TRAIN_TOKENS_PER_S, throughput.tokens_per_s)
+    val_loss = float(trainer.callback_metrics[Metric.VAL_LOSS])
+    # fit() ends by moving the model to the CPU; evaluation runs on the device it trained on.
+    device = trainer.strategy.root_device
+    model = lit.model.eval()
+    model.zero_grad(set_to_none=True)
+    del trainer, lit
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return model, val_loss, device
+
+
+def evaluate(
+    cfg: DictConfig, spec: RunSpec, model: DecoderLM, device: torch.device, dm: LMDataModule, out_dir: Path
+) -> None:
+    """Extrapolation and inference cost on the test split, on `device`; metrics and plots to the run."""
+    import mlflow
+
+    from pipeline.evaluate import evaluate_run
+
+    metrics, artifacts = evaluate_run(model.eval(), dm.test_tokens(), eval_config(cfg, spec), device, out_dir)
+    mlflow.log_metrics(metrics)
+    for path in artifacts:
+        mlflow.log_artifact(str(path), Artifact.PLOTS)
+
+
+def record_loss_curves(uri: str, run_id: str, out_dir: Path) -> None:
+    """The loss-curve plot, drawn from what MLflow recorded."""
+    import mlflow
+
+    from pipeline.tracking.plots import plot_loss_curves
+
+    mlflow.log_artifact(str(plot_loss_curves(uri, run_id, out_dir / "loss_curve.png")), Artifact.PLOTS)
+
+
+def _on_cuda(accelerator: str) -> bool:
+    import torch
+
+    return accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()

@@ -6,17 +6,21 @@ here reads data or creates a run.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.checks import check_keys
+from pipeline.data.cache import cached_meta
 from pipeline.data.config import DataConfig, DataConfigError
 from pipeline.evaluate import EvalConfig
 from pipeline.evaluate.extrapolation import check_factors
 from pipeline.model import ConfigError, ModelConfig
 from pipeline.run.optim import OptimConfig
+
+log = logging.getLogger(__name__)
 
 
 class RunConfigError(ValueError):
@@ -37,7 +41,30 @@ class RunSpec:
     val_batches: int
     optim: OptimConfig
     max_steps: int
+    val_check_interval: int  # at most max_steps: a shortened run still validates at its end
     eval: EvalConfig
+    max_epochs: float = 2.0
+
+    @property
+    def planned_tokens(self) -> int:
+        """Train tokens the run reads: max_steps x batch_size x context_length."""
+        return self.max_steps * self.batch_size * self.model.context_length
+
+    def check_epochs(self, train_tokens: int) -> None:
+        """Refuse a run that would read its train split more than data.max_epochs times.
+
+        Past a couple of epochs a small model starts to memorise, and an ablation then compares
+        memorisation instead of architectures (issue 10: the GPU budget read 91 epochs of the
+        embedded corpus)."""
+        if train_tokens <= 0 or self.planned_tokens <= self.max_epochs * train_tokens:
+            return
+        raise RunConfigError(
+            f"the run reads {self.planned_tokens:,} train tokens (trainer.max_steps={self.max_steps} x "
+            f"data.batch_size={self.batch_size} x model.context_length={self.model.context_length}), "
+            f"{self.planned_tokens / train_tokens:.3g} epochs of the {train_tokens:,}-token train split, "
+            f"more than data.max_epochs={self.max_epochs:g}; use a bigger corpus (e.g. data=wikitext103), "
+            f"fewer trainer.max_steps, or raise data.max_epochs"
+        )
 
 
 def _require(key: str, value: Any, ok: bool, valid: str) -> None:
@@ -58,9 +85,16 @@ def validate_config(cfg: DictConfig) -> RunSpec:
 
     data = dict(c["data"])
     batch_size, val_batches = data.pop("batch_size", 16), data.pop("val_batches", 4)
+    max_epochs = data.pop("max_epochs", 2.0)
     _require("data.batch_size", batch_size, isinstance(batch_size, int) and batch_size > 0, "use a positive integer")
     _require(
         "data.val_batches", val_batches, isinstance(val_batches, int) and val_batches > 0, "use a positive integer"
+    )
+    _require(
+        "data.max_epochs",
+        max_epochs,
+        isinstance(max_epochs, (int, float)) and not isinstance(max_epochs, bool) and max_epochs > 0,
+        "use a positive number of passes over the train split",
     )
     data_cfg = DataConfig.from_dict(data)
 
@@ -71,11 +105,11 @@ def validate_config(cfg: DictConfig) -> RunSpec:
     )
     every = t.get("val_check_interval")
     _require(
-        "trainer.val_check_interval",
-        every,
-        isinstance(every, int) and 0 < every <= steps,
-        f"use an integer number of steps between 1 and trainer.max_steps={steps}",
+        "trainer.val_check_interval", every, isinstance(every, int) and every > 0, "use a positive number of steps"
     )
+    if every > steps:  # e.g. trainer.max_steps=40 under a budget that validates every 100
+        log.info("trainer.val_check_interval=%d > trainer.max_steps=%d: validating every %d steps", every, steps, steps)
+        every = steps
     check_keys("optimizer", c["optimizer"], OptimConfig, RunConfigError)
     o = OptimConfig(**c["optimizer"])
     _require("optimizer.lr", o.lr, o.lr > 0, "use a positive learning rate")
@@ -86,7 +120,20 @@ def validate_config(cfg: DictConfig) -> RunSpec:
         "use a non-negative integer",
     )
     _require("optimizer.weight_decay", o.weight_decay, o.weight_decay >= 0, "use a non-negative value")
-    return RunSpec(model_cfg, preset, data_cfg, batch_size, val_batches, o, steps, eval_cfg)
+    _require(
+        "optimizer.lr_from",
+        o.lr_from,
+        o.lr_from is None or (isinstance(o.lr_from, str) and o.lr_from.strip() != ""),
+        "name a tune study (e.g. tune_lr) or use null",
+    )
+    spec = RunSpec(model_cfg, preset, data_cfg, batch_size, val_batches, o, steps, every, eval_cfg, float(max_epochs))
+    # The epochs check needs the train split's size: known here when the corpus is already in the
+    # token cache (read from its metadata, not its tokens); otherwise the runner checks it right
+    # after loading the data, still before training.
+    meta = cached_meta(data_cfg)
+    if meta and meta.get("tokens"):
+        spec.check_epochs(meta["tokens"]["train"])
+    return spec
 
 
 def model_from_config(c: dict[str, Any]) -> tuple[ModelConfig, str | None]:

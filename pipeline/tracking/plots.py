@@ -10,18 +10,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
+from pipeline.tracking.schema import Metric  # noqa: E402
+
 
 def plot_loss_curves(uri: str, run_id: str, path: Path) -> Path:
     """train/loss and val/loss against optimizer step."""
     client = MlflowClient(uri)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key in ("train/loss", "val/loss"):
+    for key in (Metric.TRAIN_LOSS, Metric.VAL_LOSS):
         history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
         if history:
             ax.plot(
                 [m.step for m in history],
                 [m.value for m in history],
-                marker="." if key == "val/loss" else None,
+                marker="." if key == Metric.VAL_LOSS else None,
                 label=key,
             )
     ax.set_xlabel("optimizer step")

@@ -3,7 +3,8 @@
 - `MLflowSweepCallback` (a Hydra callback, registered in pipeline/conf/train.yaml): the sweep is a
   parent run in the study's experiment, every job a child run (through PIPELINE_PARENT_RUN_ID,
   read by pipeline.tracking). Works with the basic sweeper and with `hydra/sweeper=optuna`; an
-  Optuna sweep that is rerun (resumed) reuses its parent run.
+  Optuna sweep that is rerun (resumed) reuses its parent run, and its worker processes join
+  the parent run their coordinator made.
 - `trial_callbacks(cfg)`: the Lightning callbacks a training run needs inside an Optuna trial
   (pruning on val/loss); [] outside a sweep.
 """
@@ -22,15 +23,19 @@ import optuna
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
 
-from hydra_plugins.pipeline_optuna_sweeper import current_trial, last_summary
+from hydra_plugins.pipeline_optuna_sweeper import current_trial, is_worker, last_summary
+from hydra_plugins.pipeline_optuna_sweeper.storage import resolve_storage
 from hydra_plugins.pipeline_optuna_sweeper.study import worker, worker_dead
-from hydra_plugins.pipeline_optuna_sweeper.sweeper import format_summary, resolve_storage
+from hydra_plugins.pipeline_optuna_sweeper.sweeper import format_summary
 from pipeline.tracking.runs import PARENT_ENV, TRIAL_ENV
+from pipeline.tracking.schema import TRUE, Artifact, Metric, Tag, sweep_outcome, sweep_runs
+from pipeline.tracking.stores import busy_timeout, prepared
 from pipeline.tracking.uri import resolve_tracking_uri
+from pipeline.tracking.views import ensure_experiment
 
 log = logging.getLogger(__name__)
 
-OBJECTIVE = "val/loss"
+OBJECTIVE = Metric.VAL_LOSS
 
 
 # -- inside a trial: pruning -------------------------------------------------------------------
@@ -57,6 +62,12 @@ def trial_callbacks(cfg: DictConfig) -> list[L.Callback]:
     return [OptunaPruning(trial)] if trial is not None else []
 
 
+def trial_trainer_kwargs() -> dict[str, Any]:
+    """Trainer settings a sweep worker overrides: its output goes to a log file, and the
+    coordinator draws the study's progress, so no per-trial progress bar."""
+    return {"enable_progress_bar": False} if is_worker() else {}
+
+
 # -- around the sweep: the MLflow parent run ----------------------------------------------------
 
 
@@ -66,34 +77,39 @@ class MLflowSweepCallback(HydraCallback):
     def __init__(self) -> None:
         self.client: Any = None
         self.parent_id: str | None = None
+        self.joined = False  # a worker process, in its coordinator's parent run
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from mlflow import MlflowClient
 
+        uri = resolve_tracking_uri(OmegaConf.select(config, "tracking.uri"))
+        busy_timeout()  # before the client opens its first connection
+        self.client = MlflowClient(uri)
+        if is_worker() and os.environ.get(PARENT_ENV):  # a worker process: its coordinator's run
+            self.parent_id, self.joined = os.environ[PARENT_ENV], True
+            return
         study = str(config.study)
-        self.client = MlflowClient(resolve_tracking_uri(OmegaConf.select(config, "tracking.uri")))
-        exp = self.client.get_experiment_by_name(study)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(study)
-        key = _optuna_study_key(config)
-        tags = {
-            "sweep": "true",
-            "study": study,
-            "sweeper": "optuna" if key else "basic",
-            "worker": worker(),
-            "mlflow.runName": f"sweep-{study}",
-        }
-        parent = self._find_parent(exp_id, key) if key else None
-        if parent is None:
-            self.parent_id = self.client.create_run(
-                exp_id, run_name=f"sweep-{study}", tags={**tags, **({"optuna_study": key} if key else {})}
-            ).info.run_id
-        else:  # the same Optuna study again: resume its parent run
-            self.parent_id = parent.info.run_id
-            if worker_dead(parent.data.tags.get("worker", "")):
-                self._kill_orphans(exp_id)
-            self.client.update_run(self.parent_id, status="RUNNING")
-            self.client.set_tag(self.parent_id, "worker", worker())
-            log.info("resuming sweep parent run %s", self.parent_id)
+        with prepared(uri):  # migrated once; two sweeps starting together find one parent
+            exp_id = ensure_experiment(self.client, study)
+            key = _optuna_study_key(config)
+            tags = {
+                Tag.SWEEP: TRUE,
+                Tag.STUDY: study,
+                Tag.SWEEPER: "optuna" if key else "basic",
+                Tag.WORKER: worker(),
+                Tag.RUN_NAME: f"sweep-{study}",
+            }
+            parent = self._find_parent(exp_id, key) if key else None
+            if parent is None:
+                self.parent_id = self.client.create_run(
+                    exp_id, run_name=f"sweep-{study}", tags={**tags, **({Tag.OPTUNA_STUDY: key} if key else {})}
+                ).info.run_id
+            else:  # the same Optuna study again: resume its parent run
+                self.parent_id = parent.info.run_id
+                self._kill_orphans(exp_id, parent_dead=worker_dead(parent.data.tags.get(Tag.WORKER, "")))
+                self.client.update_run(self.parent_id, status="RUNNING")
+                self.client.set_tag(self.parent_id, Tag.WORKER, worker())
+                log.info("resuming sweep parent run %s", self.parent_id)
         os.environ[PARENT_ENV] = self.parent_id
         atexit.register(self._close, "FAILED")  # a sweep that raises never reaches on_multirun_end
 
@@ -104,7 +120,7 @@ class MLflowSweepCallback(HydraCallback):
         os.environ[TRIAL_ENV] = str(trial.number if trial is not None else config.hydra.job.num)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if self.parent_id is None:
+        if self.parent_id is None or self.joined:
             return
         summary = self._summary()
         c = self.client
@@ -112,12 +128,17 @@ class MLflowSweepCallback(HydraCallback):
             c.log_metric(self.parent_id, name, value)
         for name, value in summary["tags"].items():
             c.set_tag(self.parent_id, name, value)
-        c.log_text(self.parent_id, json.dumps(summary, indent=2, default=str), "sweep_summary.json")
-        c.log_text(self.parent_id, summary["table"], "sweep_summary.txt")
+        c.log_text(self.parent_id, json.dumps(summary, indent=2, default=str), Artifact.SWEEP_SUMMARY_JSON)
+        c.log_text(self.parent_id, summary["table"], Artifact.SWEEP_SUMMARY_TXT)
         out = Path("reports") / str(config.study)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "sweep_summary.txt").write_text(summary["table"] + "\n")
+        (out / Artifact.SWEEP_SUMMARY_TXT).write_text(summary["table"] + "\n")
         print(summary["table"])
+        still = (summary["optuna"] or {}).get("running", 0)
+        if still:  # another command's workers are on the study: the last one to end closes it
+            log.info("%d trials are still running in other workers; the sweep run stays open", still)
+            self.parent_id = None
+            return
         self._close("FINISHED")
 
     # -- helpers --------------------------------------------------------------------------------
@@ -125,7 +146,7 @@ class MLflowSweepCallback(HydraCallback):
     def _find_parent(self, exp_id: str, key: str) -> Any:
         runs = self.client.search_runs(
             [exp_id],
-            filter_string=f"tags.optuna_study = '{key}'",
+            filter_string=f"tags.{Tag.OPTUNA_STUDY} = '{key}'",
             order_by=["attributes.start_time DESC"],
             max_results=1,
         )
@@ -134,14 +155,16 @@ class MLflowSweepCallback(HydraCallback):
     def _children(self, exp_id: str | None = None) -> list[Any]:
         exp_id = exp_id or self.client.get_run(self.parent_id).info.experiment_id
         return self.client.search_runs(
-            [exp_id], filter_string=f"tags.mlflow.parentRunId = '{self.parent_id}'", max_results=10000
+            [exp_id], filter_string=f"tags.{Tag.PARENT_RUN_ID} = '{self.parent_id}'", max_results=10000
         )
 
-    def _kill_orphans(self, exp_id: str) -> None:
-        """Child runs left RUNNING by a process that died (SIGKILL, power loss) end KILLED."""
+    def _kill_orphans(self, exp_id: str, parent_dead: bool) -> None:
+        """Child runs left RUNNING by a process that died (SIGKILL, power loss) end KILLED: those
+        whose worker (tag host:pid) is gone, and those without the tag when the sweep's was."""
         for run in self._children(exp_id):
-            if run.info.status == "RUNNING":
-                self.client.set_tag(run.info.run_id, "failure_reason", "interrupted: the sweep process died")
+            owner = run.data.tags.get(Tag.WORKER)
+            if run.info.status == "RUNNING" and (worker_dead(owner) if owner else parent_dead):
+                self.client.set_tag(run.info.run_id, Tag.FAILURE_REASON, "interrupted: the sweep process died")
                 self.client.set_terminated(run.info.run_id, status="KILLED")
                 log.warning("child run %s was left RUNNING by a dead sweep: marked KILLED", run.info.run_id)
 
@@ -150,20 +173,20 @@ class MLflowSweepCallback(HydraCallback):
         by_status: dict[str, int] = {}
         for r in runs:
             by_status[r.info.status] = by_status.get(r.info.status, 0) + 1
-        metrics = {f"sweep/runs_{s.lower()}": float(n) for s, n in by_status.items()}
+        metrics = {sweep_runs(s): float(n) for s, n in by_status.items()}
         tags: dict[str, str] = {}
         done = [r for r in runs if r.info.status == "FINISHED" and OBJECTIVE in r.data.metrics]
         if done:
             best = min(done, key=lambda r: r.data.metrics[OBJECTIVE])
-            metrics[f"sweep/best_{OBJECTIVE.replace('/', '_')}"] = best.data.metrics[OBJECTIVE]
-            tags.update(best_run_id=best.info.run_id, best_run_name=best.info.run_name or "")
+            metrics[Metric.SWEEP_BEST_VAL_LOSS] = best.data.metrics[OBJECTIVE]
+            tags.update({Tag.BEST_RUN_ID: best.info.run_id, Tag.BEST_RUN_NAME: best.info.run_name or ""})
         optuna_summary = last_summary()
         if optuna_summary is not None:
             for k, n in optuna_summary["counts"].items():
-                metrics[f"sweep/{k}"] = float(n)
+                metrics[sweep_outcome(k)] = float(n)
             if optuna_summary["best"]:
                 b = optuna_summary["best"]
-                tags.update(best_trial=str(b["number"]), best_params=json.dumps(b["params"]))
+                tags.update({Tag.BEST_TRIAL: str(b["number"]), Tag.BEST_PARAMS: json.dumps(b["params"])})
             table = format_summary(optuna_summary)
         else:
             rows = sorted(runs, key=lambda r: r.data.metrics.get(OBJECTIVE, float("inf")))

@@ -86,7 +86,7 @@ def contestants() -> dict[str, tuple[nn.Module, Callable[[nn.Module, Tensor], Te
         transformers.LlamaConfig(
             vocab_size=VOCAB,
             hidden_size=D,
-            intermediate_size=swiglu_hidden(D, 64),
+            intermediate_size=swiglu_hidden(D),
             num_hidden_layers=L,
             num_attention_heads=H,
             num_key_value_heads=2,
@@ -106,7 +106,7 @@ def contestants() -> dict[str, tuple[nn.Module, Callable[[nn.Module, Tensor], Te
         from x_transformers import Decoder, TransformerWrapper
     except ImportError:
         return models
-    # LLaMA-shaped: RoPE, RMSNorm, 2 kv heads, SwiGLU with our hidden width (3 x 64), no biases.
+    # LLaMA-shaped: RoPE, RMSNorm, 2 kv heads, SwiGLU with our default hidden width (8d/3), no biases.
     models["x-transformers llama"] = (
         TransformerWrapper(
             num_tokens=VOCAB,
@@ -121,7 +121,7 @@ def contestants() -> dict[str, tuple[nn.Module, Callable[[nn.Module, Tensor], Te
                 use_rmsnorm=True,
                 ff_glu=True,
                 ff_swish=True,
-                ff_mult=swiglu_hidden(D, 64) / D,
+                ff_mult=swiglu_hidden(D) / D,
                 ff_no_bias=True,
             ),
         ),

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import itertools
+import time
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from pipeline.cost import main as cost_main
-from pipeline.evaluate.cost import analytic_cost, measure_inference, time_generation
+from pipeline.evaluate.cost import (
+    TensorBytes,
+    analytic_cost,
+    measure_inference,
+    peak_inference_bytes,
+    time_generation,
+)
 from pipeline.model import DecoderLM, ModelConfig
 from pipeline.model.components import ATTENTION, FFN, POS_ENC
 from pipeline.model.presets import PRESETS
@@ -168,10 +175,11 @@ def test_cached_and_uncached_decode_generate_the_same_tokens() -> None:
     assert torch.equal(cached, seq)
 
 
-def test_measure_inference_batches_amortize_decode_steps(one_thread: None) -> None:
+def test_measure_inference_batches_amortize_decode_steps() -> None:
     model = DecoderLM(small("gpt2"))
+    threads = torch.get_num_threads()
     out = measure_inference(
-        model, torch.device("cpu"), batch_sizes=[1, 8], prompt_tokens=16, new_tokens=8, repeats=3, warmup=1
+        model, torch.device("cpu"), [1, 8], prompt_tokens=16, new_tokens=8, repeats=3, warmup=1, threads=1
     )
     assert set(out) == {
         "prefill_tokens_per_s",
@@ -179,11 +187,64 @@ def test_measure_inference_batches_amortize_decode_steps(one_thread: None) -> No
         "prefill_tokens_per_s_b8",
         "decode_tokens_per_s_b8",
         "peak_mem_bytes",
+        "peak_mem_method",
+        "threads",
     }
+    # Timing on one intra-op thread (pinned, recorded, then restored): on a busy shared machine,
+    # spinning OpenMP threads make small ops' timings noise rather than measurements.
+    assert out["threads"] == 1 and torch.get_num_threads() == threads
     # A tiny model's decode step costs about the same for 1 or 8 sequences.
     assert out["decode_tokens_per_s_b8"] > out["decode_tokens_per_s"]
     assert out["peak_mem_bytes"] > 0
     assert model.training  # mode restored
+
+
+def test_cache_allocation_is_outside_prefill_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = DecoderLM(small("gpt2")).eval()
+    allocate = model.new_cache
+
+    def slow_new_cache(*args, **kwargs):
+        time.sleep(0.5)
+        return allocate(*args, **kwargs)
+
+    monkeypatch.setattr(model, "new_cache", slow_new_cache)
+    prefill, _ = time_generation(model, torch.randint(256, (1, 16)), 2)
+    assert prefill < 0.5
+
+
+def test_tensor_bytes_counts_live_storages_once() -> None:
+    weight = torch.empty(100, dtype=torch.uint8)
+    with TensorBytes(existing=[weight, weight[:10]]) as mem:
+        assert mem.current == 100
+        row = weight[50:]  # a view of an existing tensor (an expert's slice of w_in) adds nothing
+        a = torch.empty(1000, dtype=torch.uint8)
+        b = torch.empty(2000, dtype=torch.uint8)
+        view = b[10:]  # shares b's storage: not counted again
+        del a
+        c = torch.empty(500, dtype=torch.uint8)
+        assert (mem.current, mem.peak) == (100 + 2000 + 500, 100 + 1000 + 2000)
+        del b, view, c, row
+        assert mem.current == 100
+
+
+def test_peak_mem_is_inference_only_and_per_run() -> None:
+    """The peak covers weights, KV cache and activations of the run itself: neither tensors
+    alive before it (training state, other runs) nor an earlier, larger run count."""
+    torch.manual_seed(0)
+    model = DecoderLM(small("mixtral")).eval()  # MoE: experts are views of stacked weights
+    prompt = torch.randint(256, (4, 32))
+    new = 8
+    peak, method = peak_inference_bytes(model, prompt, new)
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    cache = model.new_cache(4, 32 + new).nbytes()
+    logits = 4 * 32 * 256 * 4  # the prefill's (B, T, V) fp32 logits
+    assert method == "live tensor bytes (TorchDispatchMode)"
+    assert weights + cache + logits < peak < 1.5 * (weights + cache + logits)
+    held = torch.ones(10_000_000)  # 40 MB alive, as an optimizer's state would be
+    larger = DecoderLM(small("mixtral", d_model=128)).eval()
+    assert peak_inference_bytes(larger, prompt, new)[0] > peak
+    assert peak_inference_bytes(model, prompt, new)[0] == peak
+    del held
 
 
 def test_measure_inference_rejects_a_prompt_past_the_learned_table() -> None:
@@ -195,7 +256,7 @@ def test_measure_inference_rejects_a_prompt_past_the_learned_table() -> None:
     calls: list[int] = []
     exact.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[1]))
     measure_inference(exact, torch.device("cpu"), batch_sizes=[1], new_tokens=8, repeats=1, warmup=0)
-    assert calls[0] + len(calls) - 1 == 32  # prompt + 8 new tokens fill the 32 rows
+    assert calls[0] + 8 == 32 and calls[1:9] == [1] * 8  # prompt + 8 new tokens fill the 32 rows
 
 
 def test_cost_cli_prints_the_table_for_overrides(capsys: pytest.CaptureFixture[str]) -> None:
@@ -225,3 +286,17 @@ def test_cost_cli_keeps_the_presets_size_and_rejects_bad_overrides(capsys: pytes
     assert "d_model 768, 12 layers" in capsys.readouterr().out  # no CPU budget shrinking it
     assert cost_main(["model.n_heads=5"]) == 2
     assert "model.n_heads=5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bias,smallest", [(False, 13), (True, 48)])
+def test_swiglu_default_width_matches_the_gelu_mlp_within_one_percent(bias: bool, smallest: int) -> None:
+    """SwiGLU's default width 8d/3 gives its three matrices the 4d GELU MLP's parameters: within
+    1% at every d_model from 13 up (rounding costs at most 1 / (8d)). Biases add h more to
+    SwiGLU (2h + d against h + d), 1 / (3d) more: within 1% from d_model 48 up."""
+    from pipeline.model.components.base import Dims
+    from pipeline.model.components.ffn import GeluConfig, SwiGLUConfig
+
+    for d in range(smallest, 4097):
+        dims = Dims(d_model=d, n_layers=1, n_heads=1, context_length=8, bias=bias, dropout=0.0)
+        gelu, swiglu = GeluConfig().cost(dims, 8).params, SwiGLUConfig().cost(dims, 8).params
+        assert abs(swiglu / gelu - 1) < 0.01, (d, swiglu, gelu)

@@ -259,6 +259,55 @@ def test_moe_capacity_drops_are_counted_exactly():
     assert layer.stats.dropped.item() == 0
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="per-sequence capacity with first choices served first (issue 10, h10eval) was lost when merged with the sync-free grouped MoE routing (issue 15); to be reapplied there",
+)
+def test_moe_capacity_serves_first_choices_before_second_choices():
+    # 4 tokens, top-2 of 4 experts, capacity ceil(1 * 4 * 2 / 4) = 2 per expert. Expert 0 is the
+    # second choice of tokens 0 and 1 and the first choice of tokens 2 and 3: it serves 2 and 3.
+    layer = moe_layer(top_k=2, capacity_factor=1.0)
+    x = torch.tensor([[2.0, 3.0, 0.0, -1.0]] * 2 + [[3.0, -1.0, 2.0, 0.0]] * 2)[None]  # (1, 4, 4)
+    out = layer(x)[0]
+    assert layer.stats.dropped.item() == 2
+    full = layer.eval()(x)[0]  # no capacity limit at evaluation
+    torch.testing.assert_close(out[2:], full[2:])  # both choices of tokens 2 and 3 served
+    p = torch.softmax(x[0, 0], -1)
+    first_only = p[1] / (p[1] + p[0]) * layer.expert(1, x[0, :1])  # token 0 keeps its first choice
+    torch.testing.assert_close(out[:1], first_only)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="per-sequence capacity with first choices served first (issue 10, h10eval) was lost when merged with the sync-free grouped MoE routing (issue 15); to be reapplied there",
+)
+def test_moe_capacity_is_per_sequence():
+    """Under a capacity limit, a sequence's output is the same alone or in any batch."""
+    torch.manual_seed(0)
+    layer = MoE(MoEConfig(n_experts=4, top_k=2, hidden=8, capacity_factor=0.5), dims(4), layer=0)
+    with torch.no_grad():
+        layer.router.weight.mul_(50)  # confident, uneven routing: experts overflow
+    x = torch.randn(3, 8, 4)
+    batched = layer(x)
+    assert layer.stats.dropped.item() > 0
+    for i in range(3):
+        torch.testing.assert_close(layer(x[i : i + 1]), batched[i : i + 1])
+        torch.testing.assert_close(layer(x[[i, (i + 1) % 3]])[:1], batched[i : i + 1])
+
+
+def test_moe_drops_no_token_at_evaluation():
+    torch.manual_seed(0)
+    limited = MoE(MoEConfig(n_experts=4, top_k=2, hidden=8, capacity_factor=0.25), dims(4), layer=0)
+    unlimited = MoE(MoEConfig(n_experts=4, top_k=2, hidden=8), dims(4), layer=0)
+    unlimited.load_state_dict(limited.state_dict())
+    x = torch.randn(2, 8, 4)
+    limited(x)
+    assert limited.stats.dropped.item() > 0  # training: the limit applies
+    limited.eval()
+    torch.testing.assert_close(limited(x), unlimited(x))
+    assert limited.stats.dropped.item() == 0
+
+
 def test_moe_with_one_expert_equals_dense_swiglu():
     torch.manual_seed(0)
     moe = MoE(MoEConfig(n_experts=1, top_k=1, hidden=24), dims(16), layer=0)
@@ -280,3 +329,20 @@ def test_moe_router_stays_fp32_under_bf16_autocast() -> None:
         logits, aux = model(torch.randint(0, 50, (2, 8)), return_aux=True)
     assert logits.dtype == torch.bfloat16  # the rest of the model does run in bf16
     assert aux["moe_z"].dtype == torch.float32 and aux["moe_balance"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("token_rms", [1.0, 0.25])
+def test_sinusoidal_tokens_enter_at_the_set_rms_beside_the_encoding(token_rms: float):
+    """Issue 10: the GPT init (0.02) x sqrt(d) put tokens at RMS 0.16 against the sinusoids'
+    0.71. `token_rms` is the tokens' RMS after the sqrt(d) scale, at every width."""
+    for d in (64, 256):
+        torch.manual_seed(0)
+        cfg = ModelConfig.from_preset("gpt2", d_model=d, pos_enc={"name": "sinusoidal", "token_rms": token_rms})
+        model = DecoderLM(cfg)
+        x = model.tok_emb(torch.arange(256)[None])
+        tokens = model.pos.embed(x, 0) - model.pos.embed(torch.zeros_like(x), 0)  # x * sqrt(d)
+        positions = model.pos.embed(torch.zeros_like(x), 0)
+        assert tokens.pow(2).mean().sqrt().item() == pytest.approx(token_rms, rel=0.05)
+        assert positions.pow(2).mean().sqrt().item() == pytest.approx(0.5**0.5, rel=1e-3)
+    with pytest.raises(ConfigError, match=r"model\.pos_enc\.token_rms=0"):
+        ModelConfig.from_preset("gpt2", pos_enc={"name": "sinusoidal", "token_rms": 0})

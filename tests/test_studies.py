@@ -14,6 +14,8 @@ from omegaconf import OmegaConf, open_dict
 from hydra_plugins.pipeline_optuna_sweeper import search_space
 from hydra_plugins.pipeline_optuna_sweeper.sweeper import OptunaSweeper
 from pipeline import CONF_DIR
+from pipeline.evaluate.extrapolation import block_length
+from pipeline.model import ModelConfig
 from pipeline.run.spec import validate_config
 
 STUDIES = sorted(p.stem for p in (CONF_DIR / "ablation").glob("*.yaml"))
@@ -82,17 +84,44 @@ def test_full_grid_has_90_points_on_cpu_and_180_on_gpu():
     assert _sweep("full_grid", "gpu")[2].grid_size() == 180
 
 
-def test_gpt_to_llama_changes_one_component_per_step():
+def test_gpt_to_llama_changes_one_thing_per_step():
     _, _, space = _sweep("gpt_to_llama", "cpu")
     steps = next(d for d in space.dimensions if d.name == "ablation/gpt_to_llama").grid
-    components = []
-    for step in steps[:-1]:  # the last step is the llama preset itself
-        m = _compose(["ablation=gpt_to_llama", f"ablation/gpt_to_llama={step}"]).model
-        components.append((m.pos_enc.name, m.norm.name, m.ffn.name, m.attention.name))
-    assert components[0] == ("learned", "layernorm", "gelu", "mha")
-    assert components[-1] == ("rope", "rmsnorm", "swiglu", "gqa")
-    for a, b in zip(components, components[1:]):
-        assert sum(x != y for x, y in zip(a, b)) == 1, (a, b)
+    models = []
+    for step in steps:
+        trial = _compose(["ablation=gpt_to_llama", "budget=cpu", f"ablation/gpt_to_llama={step}"])
+        with open_dict(trial):
+            del trial["hydra"]
+        models.append(validate_config(trial).model.to_dict())
+    names = [tuple(m[f]["name"] for f in ("pos_enc", "norm", "ffn", "attention")) for m in models]
+    assert names[0] == ("learned", "layernorm", "gelu", "mha")
+    assert names[-1] == ("rope", "rmsnorm", "swiglu", "gqa")
+    changed = [{k for k in a if a[k] != b[k]} for a, b in zip(models, models[1:])]
+    # One model setting per step (a component node counts as one); the last is the llama preset.
+    assert changed == [{"pos_enc"}, {"norm"}, {"ffn"}, {"attention"}, {"bias"}, {"tie_embeddings"}]
+    assert models[-1] == {**ModelConfig.from_preset("llama").to_dict(), "vocab_size": models[-1]["vocab_size"]}
+
+
+def _ffn_cost(overrides: list[str]):
+    trial = _compose(overrides)
+    with open_dict(trial):
+        del trial["hydra"]
+    spec = validate_config(trial)
+    return spec.model.ffn.cost(spec.model.dims, spec.model.context_length)
+
+
+@pytest.mark.parametrize("budget", ["cpu", "gpu"])
+def test_full_grid_ffn_arms_have_the_same_active_parameters(budget):
+    """GELU, SwiGLU and MoE arms of the default grid: the FFN parameters a token uses agree
+    within 1% (MoE: top_k experts of 1/top_k the width, plus the router)."""
+    arms = {
+        ffn: _ffn_cost(["ablation=full_grid", f"budget={budget}", f"model/ffn={ffn}"])
+        for ffn in ("gelu", "swiglu", "moe")
+    }
+    gelu = arms["gelu"].active_params
+    for ffn in ("swiglu", "moe"):
+        assert abs(arms[ffn].active_params / gelu - 1) < 0.01, (ffn, arms[ffn].active_params, gelu)
+    assert arms["moe"].params > 3 * gelu  # 8 experts of half the width: 4x in total
 
 
 def test_moe_vs_dense_matches_active_and_total_ffn_width():
@@ -133,3 +162,28 @@ def test_scaling_has_five_sizes_with_tokens_in_a_fixed_ratio_to_params():
         assert widths == sorted(widths) and len(set(widths)) == len(widths)
         assert max(ratios) / min(ratios) < 1.1, ratios
         assert math.prod(len(d.grid) for d in _sweep("scaling", budget)[2].dimensions) >= 5 * 3 * 2
+
+
+def _points(study: str, budget: str, keep) -> list[list[str]]:
+    """The overrides of every grid point over the dimensions `keep(name)` selects."""
+    import itertools
+
+    _, _, space = _sweep(study, budget)
+    dims = [d for d in space.dimensions if d.grid is not None and keep(d.name)]
+    return [[f"{d.name}={v}" for d, v in zip(dims, values)] for values in itertools.product(*(d.grid for d in dims))]
+
+
+@pytest.mark.parametrize("budget", ["cpu", "gpu"])
+@pytest.mark.parametrize("study", STUDIES)
+def test_every_point_of_a_study_scores_the_same_extrapolation_targets(study, budget):
+    """The scored blocks depend on the test split and the block length only, so one block
+    length per study means the same targets in every run. Component groups (model/<family>)
+    and seeds cannot change the context or the eval node, so only the other axes are walked."""
+    blocks = set()
+    for point in _points(study, budget, lambda name: name != "seed" and not name.startswith("model/")):
+        trial = _compose([f"ablation={study}", f"budget={budget}", *point])
+        with open_dict(trial):
+            del trial["hydra"]
+        spec = validate_config(trial)
+        blocks.add(block_length(spec.model, spec.eval.factors, spec.eval.block_tokens))
+    assert len(blocks) == 1, f"{study}: the runs score different text (blocks of {sorted(blocks)} tokens)"

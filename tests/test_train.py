@@ -102,7 +102,7 @@ def test_rerun_reproduces_the_curve_exactly(first_run) -> None:
         ("data=text_files data.files=[/nonexistent/corpus.txt]", "/nonexistent/corpus.txt"),
         ("trainer.max_steps=-1", "trainer.max_steps=-1"),
         ("model=llama model.attention.n_kv_heads=3", "n_kv_heads=3"),
-        ("eval.factors=[1,4096]", "max(eval.factors)=4096"),  # test text too short: found after loading data
+        ("eval.factors=[1,16384]", "max(eval.factors)=16384"),  # test text (230k tokens) too short: after loading data
     ],
 )
 def test_bad_override_exits_with_short_message_and_no_run(tmp_path: Path, tiny, override: str, needle: str) -> None:

@@ -24,13 +24,17 @@ Analytic counting conventions (the numbers `python -m pipeline.cost` prints and 
 from __future__ import annotations
 
 import statistics
-import sys
 import time
-from collections.abc import Sequence
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 
 from pipeline.model import DecoderLM, ModelConfig
 from pipeline.tracking import schema
@@ -85,12 +89,13 @@ def time_generation(model: DecoderLM, prompt: Tensor, new_tokens: int, use_cache
 
     With use_cache the prompt fills a KV cache and each new token is one forward pass of
     length 1; without it every step reruns the whole prefix (what the cache exists to avoid).
+    The cache is allocated before the clock starts: prefill times the prompt's forward pass.
     """
     device = prompt.device
     B, T = prompt.shape
+    cache = model.new_cache(B, T + new_tokens) if use_cache else None
     _sync(device)
     start = time.perf_counter()
-    cache = model.new_cache(B, T + new_tokens) if use_cache else None
     logits = model(prompt, cache=cache)[:, -1]
     _sync(device)
     prefilled = time.perf_counter()
@@ -106,14 +111,84 @@ def time_generation(model: DecoderLM, prompt: Tensor, new_tokens: int, use_cache
     return prefilled - start, time.perf_counter() - prefilled
 
 
-def peak_memory_bytes(device: torch.device) -> float:
-    """CUDA: peak allocated since the last reset. CPU: the process's peak resident set size."""
-    if device.type == "cuda":
-        return float(torch.cuda.max_memory_allocated(device))
-    import resource  # Unix only
+class TensorBytes(TorchDispatchMode):
+    """Bytes held by live tensor storages, and their peak, while the mode is active.
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return float(rss if sys.platform == "darwin" else rss * 1024)  # macOS bytes, Linux KiB
+    The storages of `existing` (the weights, the input) count from the start, once each. Every
+    other storage an operator returns is counted once (views share it) until Python frees it
+    (a weak reference's callback); views of `existing` tensors add nothing. The CPU analogue
+    of torch.cuda.max_memory_allocated: tensor bytes, not the allocator's pages or the
+    process's RSS, so it neither includes training's leftovers nor depends on what malloc kept.
+    """
+
+    def __init__(self, existing: Iterable[Tensor] = ()) -> None:
+        super().__init__()
+        self.current = self.peak = 0
+        self._seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._refs: set[weakref.ref] = set()
+        for t in existing:
+            self._track(t.untyped_storage())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, Tensor) and t.device.type != "meta":
+                self._track(t.untyped_storage())
+        return out
+
+    def _track(self, storage: torch.UntypedStorage) -> None:
+        if storage in self._seen:
+            return
+        nbytes = storage.nbytes()
+        self._seen[storage] = nbytes
+        self._refs.add(weakref.ref(storage, lambda ref, n=nbytes: self._free(ref, n)))
+        self.current += nbytes
+        self.peak = max(self.peak, self.current)
+
+    def _free(self, ref: weakref.ref, nbytes: int) -> None:
+        self._refs.discard(ref)
+        self.current -= nbytes
+
+
+# What measure_inference returns beside metrics: how the numbers were taken (evaluation.json).
+MEASURE_PROTOCOL = ("threads", "peak_mem_method")
+
+
+@torch.no_grad()
+def peak_inference_bytes(model: DecoderLM, prompt: Tensor, new_tokens: int) -> tuple[float, str]:
+    """(peak bytes, method) of cached generation: the weights plus everything inference
+    allocates (KV cache, activations, logits). CUDA: the allocator's peak after a reset, so
+    only what is alive now counts (the caller frees the optimizer first). CPU: TensorBytes.
+
+    It runs the prefill and the first decode step, with the cache sized for all `new_tokens`:
+    later steps allocate the same, up to new_tokens more attention scores per head and row.
+    """
+    device = prompt.device
+
+    def generate() -> None:
+        cache = model.new_cache(prompt.shape[0], prompt.shape[1] + new_tokens)
+        logits = model(prompt, cache=cache)[:, -1]
+        model(logits.argmax(dim=-1, keepdim=True), cache=cache)
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        generate()
+        return float(torch.cuda.max_memory_allocated(device)), "cuda.max_memory_allocated"
+    with TensorBytes(existing=[*model.parameters(), *model.buffers(), prompt]) as mem:
+        generate()
+    return float(mem.peak), "live tensor bytes (TorchDispatchMode)"
+
+
+@contextmanager
+def pinned_threads(n: int | None) -> Iterator[int]:
+    """Run with `n` intra-op CPU threads (None: the current count); yields the count in use."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n or before)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
 
 
 @torch.no_grad()
@@ -126,17 +201,19 @@ def measure_inference(
     repeats: int = 3,
     warmup: int = 1,
     seed: int = 0,
+    threads: int | None = None,
 ) -> dict[str, float]:
     """Prefill and cached-decode throughput, median over `repeats` after `warmup` untimed runs.
 
     Keys: prefill_tokens_per_s / decode_tokens_per_s for the first batch size, with a `_b{B}`
-    suffix for the others, and peak_mem_bytes (see peak_memory_bytes; on CUDA the peak is reset
-    first, so it covers the weights plus these inference runs only).
+    suffix for the others; peak_mem_bytes, peak_inference_bytes at the largest batch size
+    (in its own untimed run); threads, the CPU threads the timing ran with
+    (pinned to `threads`, default the current count); peak_mem_method, how memory was measured.
     """
     if repeats < 1:
         raise ValueError(f"eval.decode.repeats={repeats} must be >= 1")
     was_training = model.training
-    model.eval()
+    model.eval()  # also: MoE serves every token (no capacity limit at evaluation)
     T = prompt_tokens or model.cfg.context_length
     pos = model.cfg.pos_enc
     limit = pos.max_positions()
@@ -147,19 +224,21 @@ def measure_inference(
                 f"'{pos.name}' can encode (model.pos_enc.{pos.limit_key}={limit}); shorten them"
             )
         T = limit - new_tokens  # default prompt: as much of the training context as fits
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     gen = torch.Generator().manual_seed(seed)
-    out: dict[str, float] = {}
-    for i, B in enumerate(batch_sizes):
-        prompt = torch.randint(model.cfg.vocab_size, (B, T), generator=gen).to(device)
-        for _ in range(warmup):
-            time_generation(model, prompt, new_tokens)
-        runs = [time_generation(model, prompt, new_tokens) for _ in range(repeats)]
-        suffix = "" if i == 0 else f"_b{B}"
-        out[f"prefill_tokens_per_s{suffix}"] = B * T / statistics.median(r[0] for r in runs)
-        out[f"decode_tokens_per_s{suffix}"] = B * new_tokens / statistics.median(r[1] for r in runs)
-    out["peak_mem_bytes"] = peak_memory_bytes(device)
+    out: dict[str, Any] = {}
+    with pinned_threads(threads) as n_threads:
+        for i, B in enumerate(batch_sizes):
+            prompt = torch.randint(model.cfg.vocab_size, (B, T), generator=gen).to(device)
+            for _ in range(warmup):
+                time_generation(model, prompt, new_tokens)
+            runs = [time_generation(model, prompt, new_tokens) for _ in range(repeats)]
+            suffix = "" if i == 0 else f"_b{B}"
+            out[f"prefill_tokens_per_s{suffix}"] = B * T / statistics.median(r[0] for r in runs)
+            out[f"decode_tokens_per_s{suffix}"] = B * new_tokens / statistics.median(r[1] for r in runs)
+    # Memory in its own untimed run, at the largest batch (the largest peak).
+    prompt = torch.randint(model.cfg.vocab_size, (max(batch_sizes), T), generator=gen).to(device)
+    out["peak_mem_bytes"], out["peak_mem_method"] = peak_inference_bytes(model, prompt, new_tokens)
+    out["threads"] = n_threads
     model.train(was_training)
     return out
 

@@ -73,7 +73,8 @@ class DecoderLM(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """N(0, 0.02) weights; residual output projections scaled by 1/sqrt(2L) (GPT-2)."""
+        """N(0, 0.02) weights; residual output projections scaled by 1/sqrt(2L) (GPT-2); token
+        embeddings as the positional encoding asks (sinusoidal: unit RMS after its sqrt(d) scale)."""
         std = self.cfg.init_std
         for name, p in self.named_parameters():
             if p.ndim >= 2:
@@ -83,6 +84,7 @@ class DecoderLM(nn.Module):
                 nn.init.ones_(p)  # norm gains
             else:
                 nn.init.zeros_(p)  # biases
+        self.pos.init_tokens(self.tok_emb.weight)  # an encoding may set the token scale (sinusoidal)
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         p = self.tok_emb.weight

@@ -45,7 +45,8 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
         "pos_enc": {"name": "rope", "theta": 10000.0},  # 8x7B: 1e6 at 32k context
         "norm": {"name": "rmsnorm", "eps": 1e-5},
         "attention": {"name": "gqa", "n_kv_heads": 2},
-        "ffn": {"name": "moe", "n_experts": 8, "top_k": 2, "expert": "swiglu"},
+        # Experts as wide as the dense SwiGLU (granularity 1): 2x its active FFN parameters.
+        "ffn": {"name": "moe", "n_experts": 8, "top_k": 2, "expert": "swiglu", "granularity": 1},
         "bias": False,
         "tie_embeddings": False,
     },

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import replace
@@ -16,10 +17,13 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.data import LMDataModule
+from pipeline.evaluate.extrapolation import block_length
 from pipeline.run.spec import RunConfigError, RunSpec
 from pipeline.tracking.schema import Artifact, Metric, Param, Tag, floor_ngram
 
 if TYPE_CHECKING:
+    import torch
+
     from pipeline.model import DecoderLM, ModelConfig
 
 
@@ -54,10 +58,10 @@ def run(
     tags = {**run_tags(cfg, spec, model_cfg), **tuned_tags, **(extra_tags or {})}
     with runs.tracked_run(uri, cfg.study, run_name(cfg, model_cfg), tags, cfg.tracking.system_metrics) as active:
         record_config(cfg, spec, model_cfg, overrides, dm)
-        model, val_loss = train(cfg, spec, model_cfg, dm, runs.lightning_logger(uri, active.info.run_id))
+        model, val_loss, device = train(cfg, spec, model_cfg, dm, runs.lightning_logger(uri, active.info.run_id))
         out_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.eval.get("enabled", True):
-            evaluate(cfg, model, dm, out_dir)
+        if spec.eval.enabled:
+            evaluate(cfg, spec, model, device, dm, out_dir)
         record_loss_curves(uri, active.info.run_id, out_dir)
     return val_loss
 
@@ -79,14 +83,16 @@ def prepare_data(cfg: DictConfig, spec: RunSpec) -> LMDataModule:
     )
     dm.setup("fit")
     spec.check_epochs(len(dm.splits.train))
-    factors = cfg.eval.get("factors", [1])
     n_test = len(dm.splits.test)
-    if cfg.eval.get("enabled", True) and n_test <= max(factors) * spec.model.context_length:
-        raise RunConfigError(
-            f"the test split holds {n_test} tokens, fewer than one evaluation window of "
-            f"max(eval.factors)={max(factors)} x model.context_length={spec.model.context_length}; "
-            f"use more text, a larger data.test_fraction, or smaller eval.factors"
-        )
+    if spec.eval.enabled:
+        block = block_length(spec.model, spec.eval.factors, spec.eval.block_tokens)
+        if n_test <= block:
+            e, L = spec.eval, spec.model.context_length
+            source = f"eval.block_tokens={block}" if e.block_tokens else f"max(eval.factors)={max(e.factors)} x {L}"
+            raise RunConfigError(
+                f"the test split holds {n_test} tokens, fewer than one evaluation block of {source} + 1; "
+                f"use more text, a larger data.test_fraction, or smaller eval.factors / eval.block_tokens"
+            )
     return dm
 
 
@@ -110,11 +116,22 @@ def run_name(cfg: DictConfig, model_cfg: ModelConfig) -> str:
     return cfg.tracking.run_name or f"{components}-s{cfg.seed}"
 
 
+def eval_config(cfg: DictConfig, spec: RunSpec) -> dict[str, Any]:
+    """The eval settings as used: timing pins the CPU thread count, so eval.decode.threads is
+    the number used (logged as a param), not null."""
+    import torch
+
+    e = OmegaConf.to_container(cfg.eval, resolve=True) if "eval" in cfg else {}
+    e.setdefault("decode", {})["threads"] = spec.eval.decode.threads or torch.get_num_threads()
+    return e
+
+
 def resolved_config(cfg: DictConfig, spec: RunSpec, model_cfg: ModelConfig) -> dict[str, Any]:
     """The config as run: Hydra's, with the model as built (vocabulary, table length, preset)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved["model"] = {**model_cfg.to_dict(), "preset": spec.preset}
     resolved["trainer"]["val_check_interval"] = spec.val_check_interval  # the value used
+    resolved["eval"] = eval_config(cfg, spec)
     return resolved
 
 
@@ -146,10 +163,13 @@ def record_config(
 
 def train(
     cfg: DictConfig, spec: RunSpec, model_cfg: ModelConfig, dm: LMDataModule, logger: Any
-) -> tuple[DecoderLM, float]:
-    """Fit the model; returns it and the final val/loss. Training throughput is
-    logged as a cost metric; an interrupted fit raises KeyboardInterrupt (the run ends KILLED)."""
+) -> tuple[DecoderLM, float, torch.device]:
+    """Fit the model; returns it, the final val/loss and the device it trained on. Training
+    throughput is logged as a cost metric; an interrupted fit raises KeyboardInterrupt (the run
+    ends KILLED). The training state (optimizer moments, gradients, the trainer) is freed before
+    returning, so the inference memory measured next is the model's alone."""
     import mlflow
+    import torch
     from hydra.utils import instantiate
 
     from pipeline.evaluate.cost import analytic_cost
@@ -186,19 +206,27 @@ def train(
     mfu = throughput.mfu(analytic_cost(model_cfg)["flops_per_token"], peak)
     if mfu is not None:
         mlflow.log_metrics({Metric.COST_MFU: mfu, Metric.COST_PEAK_FLOPS: peak})
-    return lit.model, float(trainer.callback_metrics[Metric.VAL_LOSS])
+    val_loss = float(trainer.callback_metrics[Metric.VAL_LOSS])
+    # fit() ends by moving the model to the CPU; evaluation runs on the device it trained on.
+    device = trainer.strategy.root_device
+    model = lit.model.eval()
+    model.zero_grad(set_to_none=True)
+    del trainer, lit
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return model, val_loss, device
 
 
-def evaluate(cfg: DictConfig, model: DecoderLM, dm: LMDataModule, out_dir: Path) -> None:
-    """Extrapolation and inference cost on the test split; metrics and plots to the run."""
+def evaluate(
+    cfg: DictConfig, spec: RunSpec, model: DecoderLM, device: torch.device, dm: LMDataModule, out_dir: Path
+) -> None:
+    """Extrapolation and inference cost on the test split, on `device`; metrics and plots to the run."""
     import mlflow
 
     from pipeline.evaluate import evaluate_run
 
-    device = next(model.parameters()).device
-    metrics, artifacts = evaluate_run(
-        model.eval(), dm.test_tokens(), OmegaConf.to_container(cfg.eval, resolve=True), device, out_dir
-    )
+    metrics, artifacts = evaluate_run(model.eval(), dm.test_tokens(), eval_config(cfg, spec), device, out_dir)
     mlflow.log_metrics(metrics)
     for path in artifacts:
         mlflow.log_artifact(str(path), Artifact.PLOTS)

@@ -43,6 +43,7 @@ class RunSpec:
     optim: OptimConfig
     max_steps: int
     val_check_interval: int  # at most max_steps: a shortened run still validates at its end
+    eval: EvalConfig
     max_epochs: float = 2.0
     compile: bool = False  # trainer.compile: torch.compile the training forward pass
     peak_flops: float | None = None  # trainer.peak_flops: the FLOP/s cost/mfu divides by
@@ -81,7 +82,7 @@ def validate_config(cfg: DictConfig) -> RunSpec:
     try:  # evaluation runs after training: its settings are checked now, not then
         eval_cfg = EvalConfig.from_dict(c.get("eval", {}))
         if eval_cfg.enabled:
-            check_factors(model_cfg, eval_cfg.factors)
+            check_factors(model_cfg, eval_cfg.factors, eval_cfg.block_tokens)
     except ValueError as e:
         raise RunConfigError(str(e)) from None
 
@@ -142,7 +143,18 @@ def validate_config(cfg: DictConfig) -> RunSpec:
         "name a tune study (e.g. tune_lr) or use null",
     )
     spec = RunSpec(
-        model_cfg, preset, data_cfg, batch_size, val_batches, o, steps, every, float(max_epochs), compile_, peak
+        model_cfg,
+        preset,
+        data_cfg,
+        batch_size,
+        val_batches,
+        o,
+        steps,
+        every,
+        eval_cfg,
+        float(max_epochs),
+        compile_,
+        peak,
     )
     # The epochs check needs the train split's size: known here when the corpus is already in the
     # token cache (read from its metadata, not its tokens); otherwise the runner checks it right

@@ -58,6 +58,9 @@ class PositionalEncoding(nn.Module):
     def bias(self, T: int, S: int, offset: int, device: torch.device) -> Tensor | None:
         return None
 
+    def init_tokens(self, weight: Tensor) -> None:
+        """Re-initialize the token embedding table if the encoding needs a scale (sinusoidal)."""
+
 
 POS_ENC: Registry[PositionalEncoding] = Registry("pos_enc")
 
@@ -124,15 +127,24 @@ class Learned(PositionalEncoding):
 class SinusoidalConfig(PosEncConfig):
     name: str = "sinusoidal"
     base: float = 10000.0
+    # RMS of the token embeddings (times sqrt(d_model)) at init, against the encoding's 1/sqrt(2)
+    # = 0.71. 1.0: the paper's setting, N(0, 1/d_model) embeddings scaled by sqrt(d_model)
+    # (Vaswani et al. 2017, sec. 3.4), so token and position enter at the same scale.
+    token_rms: float = 1.0
+
+    def check(self, dims: Dims) -> None:
+        if not (isinstance(self.token_rms, int | float) and self.token_rms > 0):
+            raise ConfigError(f"{self.key('token_rms')}={self.token_rms!r} must be > 0 (1.0: unit-RMS tokens)")
 
 
 @POS_ENC.register("sinusoidal")
 class Sinusoidal(PositionalEncoding):
     """Fixed sin/cos absolute positions (Vaswani et al. 2017, sec. 3.5).
 
-    The token embeddings are multiplied by sqrt(d_model) first (sec. 3.4): at init std 0.02 they
-    would otherwise be swamped by the unit-amplitude sinusoids and the model stays at unigram
-    perplexity (measured: ppl ~24 vs ~7 on the embedded corpus at d_model 64).
+    Token embeddings are drawn N(0, (token_rms / sqrt(d))^2) and multiplied by sqrt(d) (sec. 3.4),
+    so they enter at RMS `token_rms` beside sinusoids of RMS 0.71. The GPT init (std 0.02) would
+    give 0.16 x sqrt(d / 64): the position signal would dominate, and the arm's result flips
+    with that choice (issue 10).
     """
 
     Config = SinusoidalConfig
@@ -143,6 +155,10 @@ class Sinusoidal(PositionalEncoding):
         inv_freq = cfg.base ** (-torch.arange(0, d_model, 2, dtype=torch.float32) / d_model)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.scale = math.sqrt(d_model)
+        self.token_std = cfg.token_rms / self.scale
+
+    def init_tokens(self, weight: Tensor) -> None:
+        nn.init.normal_(weight, 0.0, self.token_std)
 
     def embed(self, x: Tensor, offset: int) -> Tensor:
         pos = torch.arange(offset, offset + x.shape[1], device=x.device, dtype=torch.float32)

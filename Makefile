@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed
 STUDY ?= full_grid
 ARGS ?=
 PORT ?= 5000
+HOST ?= 127.0.0.1
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
@@ -47,8 +48,8 @@ ablate: $(STAMP) ## Run a study: make ablate [STUDY=full_grid] [ARGS="..."], the
 report: $(STAMP) ## Rebuild a study's comparison report from MLflow: make report STUDY=name
 	$(BIN)/python -m pipeline.report --study $(STUDY)
 
-ui: $(STAMP) ## MLflow UI on 127.0.0.1:$(PORT) over the same store (honours MLFLOW_TRACKING_URI)
-	$(BIN)/mlflow ui --host 127.0.0.1 --port $(PORT) --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}"
+ui: $(STAMP) ## MLflow UI on 127.0.0.1:$(PORT) (HOST=... to share it) over the same store (honours MLFLOW_TRACKING_URI)
+	$(BIN)/mlflow ui --host $(HOST) --port $(PORT) --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}"
 
 cost: $(STAMP) ## Analytic inference-cost table, no training: make cost ARGS="model=llama"
 	$(BIN)/python -m pipeline.cost $(ARGS)

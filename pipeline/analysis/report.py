@@ -35,6 +35,7 @@ from pipeline.analysis.study import (
     load_study,
 )
 from pipeline.tracking.schema import TRUE, Artifact, Metric, Param, Tag, parse_extrap_ppl, parse_moe_load
+from pipeline.tracking.uri import redact
 
 COST_KEYS = (
     Metric.COST_PARAMS_TOTAL,
@@ -273,7 +274,7 @@ def optuna_studies(storage: str, study: str) -> list[str]:
 
 def optuna_importances(storage: str, study: str) -> tuple[dict[str, float] | None, str]:
     if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///") :]).exists():
-        return None, f"no Optuna storage at `{storage}`"
+        return None, f"no Optuna storage at `{redact(storage)}`"
     try:
         import optuna
 
@@ -284,7 +285,7 @@ def optuna_importances(storage: str, study: str) -> tuple[dict[str, float] | Non
         fanova = optuna.importance.FanovaImportanceEvaluator(seed=0)
         return {k: float(v) for k, v in optuna.importance.get_param_importances(s, evaluator=fanova).items()}, ""
     except Exception as e:  # a missing study, a grid with one trial, a sampler without params
-        return None, f"Optuna study '{study}' in `{storage}`: {type(e).__name__}: {e}".rstrip(". ")
+        return None, f"Optuna study '{study}' in `{redact(storage)}`: {type(e).__name__}: {e}".rstrip(". ")
 
 
 def section_moe(doc: Doc, configs, out: Path) -> list[Path]:
@@ -501,7 +502,7 @@ def build_report(
 ) -> Report:
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking.uri import resolve_tracking_uri
+    from pipeline.tracking.uri import check_store, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)  # explicit > MLFLOW_TRACKING_URI > ./mlflow.db
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
@@ -509,8 +510,9 @@ def build_report(
             f"no MLflow store at {uri}; run a study first (make ablate) or pass "
             "--tracking-uri / set MLFLOW_TRACKING_URI"
         )
+    check_store(uri, "MLflow store")
     client = MlflowClient(tracking_uri=uri)
-    study = load_study(client, study_name, uri)
+    study = load_study(client, study_name, redact(uri))  # the report shows the URI: no password
     # The Optuna study: the one the sweep recorded on its parent run ("<storage>#<name>"), else
     # the study's name in --optuna-storage / ./optuna.db.
     optuna_study = study_name

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.data import LMDataModule
 from pipeline.run.spec import RunConfigError, RunSpec
 from pipeline.tracking.schema import Artifact, Metric, Tag
+from pipeline.tracking.uri import redact
 
 if TYPE_CHECKING:
     from pipeline.model import DecoderLM, ModelConfig
@@ -37,6 +38,10 @@ def run(
     import lightning as L
 
     from pipeline.tracking import resolve_tracking_uri, runs
+    from pipeline.tracking.uri import check_store
+
+    uri = resolve_tracking_uri(tracking_uri or cfg.tracking.uri)
+    check_store(uri, "MLflow store")  # before the data is read
 
     # Lightning's per-run banners (accelerator, tips) repeat 90 times in a sweep; keep warnings.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
@@ -44,7 +49,6 @@ def run(
     dm = prepare_data(cfg, spec)
     model_cfg = replace(spec.model, vocab_size=dm.vocab_size)  # the tokenizer decides the vocabulary
 
-    uri = resolve_tracking_uri(tracking_uri or cfg.tracking.uri)
     tags = {**run_tags(cfg, spec, model_cfg), **(extra_tags or {})}
     with runs.tracked_run(uri, cfg.study, run_name(cfg, model_cfg), tags, cfg.tracking.system_metrics) as active:
         record_config(cfg, spec, model_cfg, overrides, dm)
@@ -101,6 +105,8 @@ def resolved_config(cfg: DictConfig, spec: RunSpec, model_cfg: ModelConfig) -> d
     """The config as run: Hydra's, with the model as built (vocabulary, table length, preset)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved["model"] = {**model_cfg.to_dict(), "preset": spec.preset}
+    if (resolved.get("tracking") or {}).get("uri"):  # params and config.yaml never show a password
+        resolved["tracking"]["uri"] = redact(resolved["tracking"]["uri"])
     return resolved
 
 
@@ -115,7 +121,7 @@ def record_config(
     resolved = resolved_config(cfg, spec, model_cfg)
     runs.log_params(runs.flatten(resolved))
     mlflow.log_text(OmegaConf.to_yaml(OmegaConf.create(resolved)), Artifact.CONFIG)
-    mlflow.log_text("\n".join(overrides) + "\n", Artifact.OVERRIDES)
+    mlflow.log_text("\n".join(_redact_override(o) for o in overrides) + "\n", Artifact.OVERRIDES)
     mlflow.set_tag(Tag.CACHE_HIT, str(dm.splits.cache_hit).lower())
 
 
@@ -164,3 +170,8 @@ def record_loss_curves(uri: str, run_id: str, out_dir: Path) -> None:
     from pipeline.tracking.plots import plot_loss_curves
 
     mlflow.log_artifact(str(plot_loss_curves(uri, run_id, out_dir / "loss_curve.png")), Artifact.PLOTS)
+
+
+def _redact_override(override: str) -> str:
+    key, sep, value = override.partition("=")
+    return f"{key}{sep}{redact(value)}" if sep else override

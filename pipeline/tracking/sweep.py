@@ -23,11 +23,12 @@ from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins.pipeline_optuna_sweeper import current_trial, last_summary
+from hydra_plugins.pipeline_optuna_sweeper._interrupt import received
 from hydra_plugins.pipeline_optuna_sweeper.study import worker, worker_dead
 from hydra_plugins.pipeline_optuna_sweeper.sweeper import format_summary, resolve_storage
 from pipeline.tracking.runs import PARENT_ENV, TRIAL_ENV
 from pipeline.tracking.schema import TRUE, Artifact, Metric, Tag, sweep_outcome, sweep_runs
-from pipeline.tracking.uri import resolve_tracking_uri
+from pipeline.tracking.uri import check_store, redact, resolve_tracking_uri, sqlite_path
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +63,35 @@ def trial_callbacks(cfg: DictConfig) -> list[L.Callback]:
 
 
 class MLflowSweepCallback(HydraCallback):
-    """Parent MLflow run of a Hydra multirun; its children are the jobs' training runs."""
+    """Parent MLflow run of a Hydra multirun; its children are the jobs' training runs.
+
+    The parent is created (or resumed) when the first job starts, so a sweep that launches
+    nothing (every point invalid) leaves no run behind."""
 
     def __init__(self) -> None:
-        self.client: Any = None
+        self.uri: str | None = None
+        self._client: Any = None
+        self.config: DictConfig | None = None
         self.parent_id: str | None = None
 
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+    @property
+    def client(self) -> Any:
         from mlflow import MlflowClient
 
+        if self._client is None:  # opening the store creates it: only once a job starts
+            self._client = MlflowClient(self.uri)
+        return self._client
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.uri = resolve_tracking_uri(OmegaConf.select(config, "tracking.uri"))
+        check_store(self.uri, "MLflow store")  # before any point is checked or launched
+        self.config = config
+
+    def _start_parent(self) -> None:
+        """Create the sweep's parent run, or resume the one of the same Optuna study."""
+        config = self.config
+        assert config is not None
         study = str(config.study)
-        self.client = MlflowClient(resolve_tracking_uri(OmegaConf.select(config, "tracking.uri")))
         exp = self.client.get_experiment_by_name(study)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(study)
         key = _optuna_study_key(config)
@@ -96,17 +115,27 @@ class MLflowSweepCallback(HydraCallback):
             self.client.set_tag(self.parent_id, Tag.WORKER, worker())
             log.info("resuming sweep parent run %s", self.parent_id)
         os.environ[PARENT_ENV] = self.parent_id
-        atexit.register(self._close, "FAILED")  # a sweep that raises never reaches on_multirun_end
+        atexit.register(self._close_at_exit)  # a sweep that raises never reaches on_multirun_end
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if self.parent_id is None:  # a single run (no multirun): nothing to number
+        if self.uri is None:  # a single run (no multirun): nothing to number
             return
+        if self.parent_id is None:
+            self._start_parent()
         trial = current_trial()
         os.environ[TRIAL_ENV] = str(trial.number if trial is not None else config.hydra.job.num)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if self.parent_id is None:
+        if self.uri is None:
             return
+        if self.parent_id is None:  # nothing launched this time: update a resumed sweep's parent only
+            key = _optuna_study_key(config)
+            if not (key and (sqlite_path(self.uri) is None or sqlite_path(self.uri).exists())):
+                return
+            exp = self.client.get_experiment_by_name(str(config.study))
+            if not (key and exp and self._find_parent(exp.experiment_id, key)):
+                return
+            self._start_parent()
         summary = self._summary()
         c = self.client
         for name, value in summary["metrics"].items():
@@ -185,6 +214,10 @@ class MLflowSweepCallback(HydraCallback):
             "runs": {r.info.run_id: r.info.status for r in runs},
         }
 
+    def _close_at_exit(self) -> None:
+        # Stopped by SIGINT/SIGTERM: KILLED, like its interrupted child; else the sweep raised.
+        self._close("KILLED" if received() is not None else "FAILED")
+
     def _close(self, status: str) -> None:
         if self.parent_id is None:
             return
@@ -197,7 +230,7 @@ class MLflowSweepCallback(HydraCallback):
 def _optuna_study_key(config: DictConfig) -> str | None:
     """`<storage>#<study name>` for an Optuna sweep (what identifies a resumable sweep)."""
     sweeper = config.hydra.sweeper
-    if not str(sweeper.get("_target_", "")).startswith("hydra_plugins.pipeline_optuna_sweeper"):
+    if str(sweeper.get("_target_", "")) != "hydra_plugins.pipeline_optuna_sweeper.sweeper.OptunaSweeper":
         return None
     name = sweeper.get("study_name") or config.hydra.job.name
-    return f"{resolve_storage(sweeper.get('storage'))}#{name}"
+    return f"{redact(resolve_storage(sweeper.get('storage')))}#{name}"

@@ -74,7 +74,10 @@ def test_a_signal_mid_trial_stops_the_sweep_and_the_next_start_resumes_exactly(t
     stop_s = time.time() - sent
     err = (tmp_path / "err.log").read_text()
     assert proc.returncode == 128 + sig, err[-3000:]
-    assert stop_s < 20, stop_s  # seconds, not the rest of the trial (or the sweep)
+    # Seconds, not the rest of the trial or the sweep: 23 s measured at load average 14 on 2 cores
+    # (eight test suites at once), where the first trial alone took minutes.
+    print(f"\n{sig.name}: the sweep stopped {stop_s:.1f} s after the signal")
+    assert stop_s < 45, stop_s
     assert f"stopped by {sig.name}" in err and "resume with:" in err and "-m pipeline.train -m" in err
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"

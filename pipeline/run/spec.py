@@ -6,15 +6,12 @@ here reads data or creates a run.
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.checks import check_keys
+from pipeline.checks import check_keys, check_types
 from pipeline.data.config import DataConfig, DataConfigError
 from pipeline.evaluate import EvalConfig
 from pipeline.evaluate.extrapolation import check_factors
@@ -43,46 +40,6 @@ class RunSpec:
     max_steps: int
 
 
-def _matches(value: Any, hint: Any) -> bool:
-    """Whether a config value fits a dataclass field's annotation (int for float is fine, a bool
-    is not a number); unknown annotations accept anything."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, a) for a in args)
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    if origin is list:
-        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
-    if origin is tuple:
-        return isinstance(value, (list, tuple)) and len(value) == len(args) and all(map(_matches, value, args))
-    if dataclasses.is_dataclass(hint):
-        return isinstance(value, dict)
-    return True
-
-
-def check_types(node: str, values: dict[str, Any], cls: type) -> None:
-    """Every given value of `node` has its field's type (nested dataclass nodes too), so a wrong
-    type is one clear line here, not a TypeError from a comparison later."""
-    hints = typing.get_type_hints(cls)
-    for key, value in values.items():
-        hint = hints.get(key)
-        if hint is None:
-            continue  # unknown keys: the config's own from_dict names them
-        if not _matches(value, hint):
-            shown = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-            raise RunConfigError(f"{node}.{key}={value!r} has the wrong type; use {shown}")
-        if dataclasses.is_dataclass(hint):
-            check_types(f"{node}.{key}", value, hint)
-
-
 def _require(key: str, value: Any, ok: bool, valid: str) -> None:
     if not ok:
         raise RunConfigError(f"{key}={value!r} is not valid; {valid}")
@@ -93,8 +50,8 @@ def validate_config(cfg: DictConfig) -> RunSpec:
     c = OmegaConf.to_container(cfg, resolve=True)
     check_name("study", c.get("study", "default"))
     model_cfg, preset = model_from_config(c)
-    check_types("eval", c.get("eval") or {}, EvalConfig)
-    check_types("optimizer", c.get("optimizer") or {}, OptimConfig)
+    check_types("eval", c.get("eval") or {}, EvalConfig, RunConfigError)
+    check_types("optimizer", c.get("optimizer") or {}, OptimConfig, RunConfigError)
     try:  # evaluation runs after training: its settings are checked now, not then
         eval_cfg = EvalConfig.from_dict(c.get("eval", {}))
         if eval_cfg.enabled:

@@ -117,7 +117,10 @@ class OptunaSweeper(Sweeper):
         space = search_space.parse([f"{k}={v}" for k, v in self.params.items()] + arguments, parser)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        saved = copy.deepcopy(self.config)
+        if saved.hydra.sweeper.get("storage"):  # the sweep's record never shows a password
+            saved.hydra.sweeper.storage = _shown(saved.hydra.sweeper.storage)
+        OmegaConf.save(saved, sweep_dir / "multirun.yaml")
 
         studies = self._studies(space)
         self._refuse_if_all_invalid(studies)

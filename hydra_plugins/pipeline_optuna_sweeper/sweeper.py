@@ -120,6 +120,8 @@ class OptunaSweeper(Sweeper):
         saved = copy.deepcopy(self.config)
         if saved.hydra.sweeper.get("storage"):  # the sweep's record never shows a password
             saved.hydra.sweeper.storage = _shown(saved.hydra.sweeper.storage)
+        for kind in ("hydra", "task"):  # ... nor do the overrides it records
+            saved.hydra.overrides[kind] = [_shown_override(o) for o in saved.hydra.overrides[kind]]
         OmegaConf.save(saved, sweep_dir / "multirun.yaml")
 
         studies = self._studies(space)
@@ -433,6 +435,13 @@ def _shown(storage: str | None) -> str:
     from pipeline.tracking.uri import redact
 
     return redact(resolve_storage(storage))
+
+
+def _shown_override(override: str) -> str:
+    from pipeline.tracking.uri import redact
+
+    key, sep, value = override.partition("=")
+    return f"{key}{sep}{redact(value)}" if sep else override
 
 
 def _one_line(e: BaseException) -> str:

@@ -52,7 +52,7 @@ def _count(db: Path, sql: str) -> int:
 
 def _wait_for_second_trial_training(proc: subprocess.Popen, tmp_path: Path) -> None:
     """Until one trial is COMPLETE and the next one's MLflow child run is RUNNING."""
-    deadline = time.time() + 400
+    deadline = time.time() + 1200  # minutes on a loaded machine (tokenizing, then a first trial)
     while not (
         _count(tmp_path / "optuna.db", "SELECT count(*) FROM trials WHERE state = 'COMPLETE'") >= 1
         and _count(tmp_path / "mlflow.db", "SELECT count(*) FROM runs WHERE status = 'RUNNING'") >= 2

@@ -49,9 +49,9 @@ def validate_config(cfg: DictConfig) -> RunSpec:
     """Turn the composed config into typed objects, raising a clear error; builds nothing."""
     c = OmegaConf.to_container(cfg, resolve=True)
     check_name("study", c.get("study", "default"))
-    model_cfg, preset = model_from_config(c)
     check_types("eval", c.get("eval") or {}, EvalConfig, RunConfigError)
     check_types("optimizer", c.get("optimizer") or {}, OptimConfig, RunConfigError)
+    model_cfg, preset = model_from_config(c)
     try:  # evaluation runs after training: its settings are checked now, not then
         eval_cfg = EvalConfig.from_dict(c.get("eval", {}))
         if eval_cfg.enabled:

@@ -46,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"wrote {rep.markdown} and {rep.html} ({len(rep.images)} figures)"
         + (f"; logged to run {rep.artifact_run_id} under report/" if rep.artifact_run_id else "")
     )
+    print("\n".join(rep.summary))
     return 0
 
 

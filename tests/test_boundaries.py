@@ -17,6 +17,9 @@ ANALYSIS = [
     "pipeline.analysis.document",
     "pipeline.analysis.figures",
     "pipeline.analysis.report",
+    "pipeline.analysis.sections",
+    "pipeline.analysis.compute",
+    "pipeline.analysis.anova",
     "pipeline.report",
     "pipeline.tracking.schema",
 ]

@@ -72,3 +72,16 @@ def test_gpu_run_end_to_end(tmp_path: Path) -> None:
         Path(out, "gpu_run_metrics.txt").write_text(
             "\n".join(f"{k} {v}" for k, v in sorted(run.data.metrics.items())) + "\n"
         )
+
+
+def test_cuda_runs_get_page_locked_batches(tmp_path: Path) -> None:
+    """The runner asks for pinned batches on CUDA, so host-to-device copies run asynchronously."""
+    from pipeline.data import LMDataModule
+    from pipeline.data.config import DataConfig
+
+    cfg = DataConfig.from_dict({"cache_dir": str(tmp_path)})
+    dm = LMDataModule(cfg, context_length=64, batch_size=4, pin_memory=True)
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.is_pinned() and y.is_pinned()
+    vx, _ = next(iter(dm.val_dataloader()))
+    assert vx.is_pinned()

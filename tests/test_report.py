@@ -13,11 +13,14 @@ from pipeline.analysis.document import fmt_stat
 from pipeline.analysis.report import build_report, optuna_importances, optuna_studies, report_run
 from pipeline.analysis.study import load_study
 from pipeline.report import main
-from tests.helpers.mlflow_study import FACTORS, FAILURE, final_loss, log_grid
+from tests.helpers.mlflow_study import FACTORS, FAILURE, final_loss, log_grid, log_run
 
 GRID_PNGS = {
     "val_loss_step.png",
     "val_loss_tokens.png",
+    "val_loss_compute.png",
+    "val_loss_compute_levels.png",
+    "effects_compute.png",
     "extrapolation.png",
     "pareto.png",
     "effects.png",
@@ -49,6 +52,7 @@ def row_of(md: str, config_id: str) -> str:
 def test_files_written_and_logged_to_the_parent_run(grid, store):
     logged, rep, _ = grid
     assert {p.name for p in rep.dir.glob("*.png")} == GRID_PNGS
+    assert "## Scaling" not in rep.markdown.read_text()  # no size factor varies
     assert rep.html.read_text().count("<img") == len(GRID_PNGS)
     assert rep.artifact_run_id == logged.parent_id
     names = {Path(a.path).name for a in MlflowClient(store[0]).list_artifacts(logged.parent_id, "report")}
@@ -92,7 +96,7 @@ def test_one_configuration_per_grid_cell_with_logged_values(grid):
 
 
 def test_factor_effects_recover_the_construction(grid):
-    _, _, md = grid
+    _, rep, md = grid
 
     def cell(p, f, seed=0):  # seed noise is +-0.01, so the seed mean is the noiseless value
         lv = {"pos_enc": p, "norm": "layernorm", "attention": "mha", "ffn": f}
@@ -101,9 +105,49 @@ def test_factor_effects_recover_the_construction(grid):
     rope = np.mean([cell("rope", f) - cell("learned", f) for f in ("gelu", "moe")])
     moe = np.mean([cell(p, "moe") - cell(p, "gelu") for p in ("learned", "rope")])
     inter = (cell("rope", "moe") - cell("learned", "moe")) - (cell("rope", "gelu") - cell("learned", "gelu"))
-    assert re.search(rf"\| pos_enc \| rope \| learned \| {rope:+.4f} \[", md)
-    assert re.search(rf"\| ffn \| moe \| gelu \| {moe:+.4f} \[", md)
-    assert re.search(rf"\| pos_enc \| rope vs learned \| ffn \| moe vs gelu \| {inter:+.4f} \[", md)
+    section = md.split("## Factor effects at equal steps")[1].split("\n## ")[0]
+    assert re.search(rf"\| pos_enc \| rope \| learned \| {rope:+.4f} \[", section)
+    assert re.search(rf"\| ffn \| moe \| gelu \| {moe:+.4f} \[", section)
+    (it,) = rep.at_steps.inters
+    assert it.estimate == pytest.approx(inter) and it.n_seeds == 2 and it.method == "seeds"
+    # the effect on test log perplexity at x8: the rope runs' ppl grows 1.14x from x1 to x8, learned's 4.5x
+    extrap = md.split("### Effects on test log perplexity at ×8")[1].split("\n## ")[0]
+    rope_x8 = rope + np.log(1.14) - np.log(4.5)
+    assert re.search(rf"\| pos_enc \| rope \| learned \| {rope_x8:+.4f} \[", extrap)
+    # bits per byte beside nats (byte tokenizer): delta / ln 2
+    assert f"| {rope / np.log(2):+.4f} |" in section
+
+
+def test_summary_comes_first_and_names_what_stands_out(grid):
+    _, rep, md = grid
+    assert md.split("\n## ")[1].startswith("Summary")
+    summary = md.split("## Summary")[1].split("\n## ")[0]
+    eff = rep.at_steps
+    assert eff.family == 3  # two main effects and one interaction: the Holm family
+    assert f"{eff.family} contrasts, Holm at 0.05" in summary
+    sig = eff.significant()
+    assert sig, "rope's -0.2 against 0.004 noise stands out"
+    for e in sig:
+        assert e.p_holm <= 0.05 and f"Holm p = {e.p_holm:.3g}" in summary
+    assert "**At equal compute**" in summary
+    assert "N-gram floors (`floor/ngram1`..`floor/ngram4`) were not logged" in summary
+    # the synthetic curves fall 0.5 * 10/40 over the last quarter: every configuration still falls
+    assert "Still falling fast" in summary and "4 of 4 configurations" in summary
+
+
+def test_effects_at_matched_compute(grid):
+    """MoE runs cost half the FLOPs per token, so the matched compute is MoE's final compute,
+    where the GELU runs stood at step 20 with 0.25 more loss: the ffn effect gains 0.25."""
+    _, rep, md = grid
+    from tests.helpers.mlflow_study import BATCH, CONTEXT, STEPS
+
+    moe_active = min(t.metrics["cost/params_active"] for c in rep.configurations for t in c.trials)
+    assert rep.matched_compute == pytest.approx(3 * 6.0 * moe_active * STEPS[-1] * BATCH * CONTEXT)
+    steps_eff = {(e.factor, e.level): e.estimate for e in rep.at_steps.mains}
+    comp_eff = {(e.factor, e.level): e.estimate for e in rep.at_compute.mains}
+    assert comp_eff[("ffn", "moe")] == pytest.approx(steps_eff[("ffn", "moe")] - 0.25, abs=1e-4)
+    assert comp_eff[("pos_enc", "rope")] == pytest.approx(steps_eff[("pos_enc", "rope")], abs=0.05)
+    assert "## Equal compute" in md and "Effects at matched compute" in md
 
 
 def test_failed_and_pruned_trials_have_their_own_section(grid):
@@ -155,7 +199,7 @@ def test_scaling_section_recovers_a_known_compute_multiplier(store):
         "scaling",
         ffn=("gelu",),
         seeds=(0,),
-        sizes=(64, 128, 256, 512),
+        sizes=(64, 128, 192, 256, 320),  # five sizes: the offset is identifiable
         failures=False,
         loss_of_compute=loss,
     )
@@ -165,12 +209,54 @@ def test_scaling_section_recovers_a_known_compute_multiplier(store):
     md = rep.markdown.read_text()
     section = md.split("## Scaling")[1].split("\n## ")[0]
     (rope,) = [ln for ln in section.splitlines() if ln.startswith("| rope")]
-    assert "pos_enc: learned → rope" in rope and f"| {k:.2f}× |" in rope
+    assert f"| {k:.2f}× [" in rope  # recovered, with its bootstrap interval
     assert (rep.dir / "scaling.png").exists()
     # model.d_model is a factor of its own: a column in the table and an effect
     header = next(ln for ln in md.split("## Configurations")[1].splitlines() if ln.startswith("| id"))
     assert "| model.d_model |" in header
     assert re.search(r"\| model\.d_model \| 128 \| 64 \| [+-]", md)
+
+
+def test_reruns_duplicates_commits_and_floors(store):
+    """A rerun is a check, not a replicate; a newer run of a (configuration, seed) replaces the
+    older; mixed code versions are counted; the bigram floor flags configurations."""
+    uri, artifacts, root = store
+    logged = log_grid(uri, artifacts, "dups", failures=False)
+    kw = {"optuna_storage": "sqlite:///" + str(root / "x.db"), "log_artifacts": False}
+    before = build_report("dups", uri, root / "reports", **kw)
+    client = MlflowClient(uri)
+    (first, (levels, seed, _, _)) = next(iter(logged.runs.items()))
+    # a rerun that disagrees by 0.3 (it would shift an effect by 0.15 if it counted)
+    log_run(client, logged.experiment_id, None, "dups", levels, seed, shift=0.3, extra_tags={"rerun_of": first})
+    after = build_report("dups", uri, root / "reports", **kw)
+    for a, b in zip(before.at_steps.mains + before.at_steps.inters, after.at_steps.mains + after.at_steps.inters):
+        assert (a.estimate, a.ci_low, a.ci_high) == (b.estimate, b.ci_low, b.ci_high)
+    md = after.markdown.read_text()
+    section = md.split("## Reruns and duplicates")[1].split("\n## ")[0]
+    assert first in section and "| 0.3000 |" in section
+    # a newer run of the same (configuration, seed), from another commit, with floors logged
+    floors = {"floor/ngram1": 3.0, "floor/ngram2": 1.95}
+    newer, _, _ = log_run(
+        client,
+        logged.experiment_id,
+        None,
+        "dups",
+        levels,
+        seed,
+        shift=0.1,
+        extra_tags={"git_commit": "def456"},
+        extra_metrics=floors,
+    )
+    rep = build_report("dups", uri, root / "reports", **kw)
+    assert newer in {t.run_id for t in rep.selection.used} and first in {t.run_id for t in rep.selection.superseded}
+    assert len(rep.selection.used) == len(logged.runs)
+    md = rep.markdown.read_text()
+    summary = md.split("## Summary")[1].split("\n## ")[0]
+    assert "the runs come from 2 code versions" in summary and "`abc123` 7 runs" in summary
+    # learned+gelu (2.0 +- 0.01) does not beat a bigram floor of 1.95; the rope configurations do
+    (worst,) = [c for c in rep.configurations if (c.levels["pos_enc"], c.levels["ffn"]) == ("learned", "gelu")]
+    assert f"1 configurations do not beat it: {worst.id}" in summary
+    assert "Dashed: the n-gram floors (`floor/ngram1` 3.000, `floor/ngram2` 1.950)" in md
 
 
 def test_cli_names_the_experiments_when_the_study_is_missing(store, grid, monkeypatch, tmp_path, capsys):

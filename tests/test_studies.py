@@ -49,9 +49,12 @@ def test_study_composes_and_parses(study, budget):
     assert cfg.study == study
     assert sweeper["_target_"] == f"{OptunaSweeper.__module__}.OptunaSweeper"
     assert space.dimensions, "a study sweeps something"
-    seeds = next(d for d in space.dimensions if d.name == "seed")
-    assert len(seeds.grid) >= (1 if budget == "cpu" and study == "full_grid" else 2)
     per = set(sweeper.get("per") or [])
+    if study == "tune_lr":  # tuned per architecture at one seed, not per seed
+        assert "seed" not in {d.name for d in space.dimensions} and per == {"model"}
+    else:
+        seeds = next(d for d in space.dimensions if d.name == "seed")
+        assert len(seeds.grid) >= (1 if budget == "cpu" and study == "full_grid" else 2)
     assert per <= {d.name for d in space.dimensions}
     if sweeper["sampler"] == "grid":
         assert space.is_discrete
@@ -103,7 +106,30 @@ def test_moe_vs_dense_matches_active_and_total_ffn_width():
     assert moe["n_experts"] * moe["hidden"] == total["hidden"]  # equal total
 
 
-def test_scaling_sizes_grow():
-    widths = [_compose(["ablation=scaling", f"size={s}"]).model.d_model for s in ("small", "medium", "large")]
-    assert widths == sorted(widths) and len(set(widths)) == 3
-    assert math.prod(len(d.grid) for d in _sweep("scaling", "cpu")[2].dimensions) >= 3 * 3 * 2
+def test_scaling_has_five_sizes_with_tokens_in_a_fixed_ratio_to_params():
+    """At least five sizes, and tokens per non-embedding parameter equal across them (to the
+    rounding of steps), on both budgets."""
+    from pipeline.evaluate.cost import analytic_cost
+    from pipeline.run.spec import model_from_config
+
+    _, _, space = _sweep("scaling", "cpu")
+    sizes = next(d for d in space.dimensions if d.name == "ablation/scaling").grid
+    assert len(sizes) >= 5
+    for budget in ("cpu", "gpu"):
+        ratios, widths = [], []
+        for s in sizes:
+            cfg = _compose(["ablation=scaling", f"ablation/scaling={s}", f"budget={budget}", "model=gpt2"])
+            with open_dict(cfg):
+                del cfg["hydra"]
+            c = OmegaConf.to_container(cfg, resolve=True)
+            c["model"]["vocab_size"] = 256
+            model, _ = model_from_config(c)
+            cost = analytic_cost(model)
+            embed = model.vocab_size * model.d_model + (model.pos_enc.max_len or 0) * model.d_model
+            tokens = c["trainer"]["max_steps"] * c["data"]["batch_size"] * c["model"]["context_length"]
+            ratios.append(tokens / (cost["params_total"] - embed))
+            widths.append(model.d_model)
+            assert c["trainer"]["val_check_interval"] * 4 == c["trainer"]["max_steps"]
+        assert widths == sorted(widths) and len(set(widths)) == len(widths)
+        assert max(ratios) / min(ratios) < 1.1, ratios
+        assert math.prod(len(d.grid) for d in _sweep("scaling", budget)[2].dimensions) >= 5 * 3 * 2

@@ -116,3 +116,16 @@ def test_failed_training_ends_run_failed_with_reason(tmp_path: Path, tiny) -> No
     (run,) = runs(tmp_path)
     assert run.info.status == "FAILED"
     assert "train/loss is nan" in run.data.tags["failure_reason"]
+
+
+def test_a_run_shorter_than_the_validation_interval_validates_at_its_end(tmp_path: Path) -> None:
+    """trainer.max_steps=4 under the CPU budget (val_check_interval 100): the interval is clamped
+    to 4, the run validates once and logs the interval it used."""
+    short = [a for a in TINY if not a.startswith(("trainer.max_steps=", "trainer.val_check_interval="))]
+    proc = cli("pipeline.train", [*short, *EVAL_OFF, "budget=cpu", "trainer.max_steps=4"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = runs(tmp_path)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["trainer.val_check_interval"] == "4"
+    assert len(client_for(tmp_path).get_metric_history(run.info.run_id, "val/loss")) == 1  # at the end
+    assert run.data.metrics["train/seconds"] > 0

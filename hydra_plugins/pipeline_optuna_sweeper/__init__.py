@@ -5,5 +5,6 @@ trials that do not stop the sweep. See docs/sweeps.md."""
 from . import checked_basic, config  # noqa: F401  (register hydra/sweeper=checked_basic and =optuna)
 from ._errors import SweepFailedError
 from .sweeper import current_trial, last_summary
+from .workers import is_worker
 
-__all__ = ["SweepFailedError", "current_trial", "last_summary"]
+__all__ = ["SweepFailedError", "current_trial", "is_worker", "last_summary"]

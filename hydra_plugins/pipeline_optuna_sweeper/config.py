@@ -30,8 +30,21 @@ class OptunaSweeperConf:
     # Total trials the study should hold (complete + pruned + failed + skipped); rerunning
     # the command tops the study up to this. Default: the grid size for grid, else 20.
     n_trials: Optional[int] = None
-    # Trials asked and launched per batch; >1 only runs in parallel with a parallel launcher.
+    # Trials claimed and launched per batch; >1 only runs in parallel with a parallel launcher.
     n_jobs: int = 1
+
+    # Worker processes on the study: 0 runs the trials in this process; N starts N workers
+    # that claim trials from the storage while this process draws one progress line; auto is
+    # one per GPU x slots_per_gpu with CUDA, else the CPU layout `calibrate` measures fastest
+    # (one single-thread worker per core without it). See docs/sweeps.md.
+    workers: Any = 0
+    # CPU threads per worker (OMP_NUM_THREADS); auto: the cores shared out among the workers.
+    threads_per_worker: Any = "auto"
+    # Workers per visible GPU when workers=auto (each pinned with CUDA_VISIBLE_DEVICES).
+    slots_per_gpu: int = 1
+    # Dotted path to `fn(cfg, cpus) -> (workers, threads_per_worker)` that measures the fastest
+    # CPU layout for workers=auto (e.g. pipeline.run.layout.cpu_layout).
+    calibrate: Optional[str] = None
 
     # Any SQLAlchemy URL; default sqlite:///optuna.db in the working directory.
     storage: Optional[str] = None

@@ -8,6 +8,10 @@ A trial's outcome lives in Optuna's state plus two user attributes:
     FAIL + interrupted               the worker stopped (Ctrl-C, SIGKILL): retried on the next run
 A retry is a new WAITING trial with the same params and the system attribute `retry_of`; the
 trial it replaces is then `superseded` and left out of the counts.
+
+Exactly once with several workers: a grid is enqueued up front, one WAITING trial per point
+(`enqueue_grid`, under the store lock), and workers only claim WAITING trials (`claim`); the
+claim is an atomic WAITING -> RUNNING update (storage.py), so no point is handed out twice.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from collections import Counter
 from typing import Any
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.pruners import BasePruner
 from optuna.samplers import BaseSampler, GridSampler
-from optuna.trial import FrozenTrial, TrialState, create_trial
+from optuna.trial import FrozenTrial, Trial, TrialState, create_trial
 
 from .search_space import SearchSpace, SearchSpaceError
 
@@ -71,6 +76,44 @@ class ExhaustiveGridSampler(GridSampler):
 
     def after_trial(self, study, trial, state, values) -> None:
         pass
+
+
+def enqueue_grid(study: optuna.Study, sampler: GridSampler, space: SearchSpace, limit: int | None = None) -> int:
+    """Add a WAITING trial for every grid point (the first `limit` in the sampler's order) that
+    has no trial yet; returns how many were added. Call it under the store lock."""
+    seen = {
+        t.system_attrs["grid_id"]
+        for t in study.get_trials(deepcopy=False)
+        if "grid_id" in t.system_attrs and sampler._same_search_space(t.system_attrs.get("search_space", {}))
+    }
+    distributions = {d.name: d.distribution for d in space.dimensions}
+    names = list(sampler._search_space)  # GridSampler orders a point's values by sorted name
+    n = len(sampler._all_grids) if limit is None else min(limit, len(sampler._all_grids))
+    missing = [i for i in range(n) if i not in seen]
+    for grid_id in missing:
+        study.add_trial(
+            create_trial(
+                state=TrialState.WAITING,
+                params=dict(zip(names, sampler._all_grids[grid_id])),
+                distributions={name: distributions[name] for name in names},
+                system_attrs={"grid_id": grid_id, "search_space": sampler._search_space},
+            )
+        )
+    return len(missing)
+
+
+def claim(study: optuna.Study) -> Trial | None:
+    """Take the oldest WAITING trial for this process, or None when there is none left.
+    The WAITING -> RUNNING update is atomic in the storage, so a trial goes to one worker."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        try:
+            taken = study._storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING)
+        except UpdateFinishedTrialError:
+            continue
+        if taken:
+            study._storage.set_trial_system_attr(t._trial_id, "worker", worker())
+            return Trial(study, t._trial_id)
+    return None
 
 
 def make_sampler(name: str, seed: int | None, kwargs: dict[str, Any], space: SearchSpace) -> BaseSampler:

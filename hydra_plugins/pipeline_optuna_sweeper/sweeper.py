@@ -1,7 +1,8 @@
-"""A Hydra sweeper on current Optuna: ask a trial, launch it as a Hydra job, tell the result.
+"""A Hydra sweeper on current Optuna: claim a trial, launch it as a Hydra job, tell the result.
 
 The study is persistent, so rerunning the same command resumes it: finished trials are kept,
-interrupted ones are retried (see study.py), and numbering continues.
+interrupted ones are retried (see study.py), and numbering continues. With `workers=N` this
+process coordinates N worker processes that claim trials from the same study (workers.py).
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ import itertools
 import json
 import logging
 import math
-import os
 import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,13 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.trial import Trial, TrialState
 
-from . import search_space
+from . import _hooks, search_space
 from . import study as study_lib
+from . import workers as workers_lib
 from ._errors import InvalidSweepError, SearchSpaceError, SweepFailedError
 from ._interrupt import Interrupted, interruptible
 from .search_space import SearchSpace
+from .storage import open_storage, resolve_storage, retrying, store_lock
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,14 @@ def last_summary() -> dict[str, Any] | None:
     return _LAST_SUMMARY
 
 
+@dataclass
+class _Study:
+    study: optuna.Study
+    space: SearchSpace
+    target: int  # trials the study should hold
+    is_grid: bool
+
+
 class OptunaSweeper(Sweeper):
     def __init__(
         self,
@@ -77,6 +88,10 @@ class OptunaSweeper(Sweeper):
         validate: str | None = None,
         retry_failed: bool = False,
         per: list[str] | None = None,
+        workers: int | str = 0,
+        threads_per_worker: int | str = "auto",
+        slots_per_gpu: int = 1,
+        calibrate: str | None = None,
     ) -> None:
         super().__init__()
         self.params = {k: _as_override_value(v) for k, v in (params or {}).items()}
@@ -95,10 +110,17 @@ class OptunaSweeper(Sweeper):
         self.validate: Callable[[DictConfig], None] | None = get_method(validate) if validate else None
         self.retry_failed = retry_failed
         self.per = list(per or [])
+        self.workers = workers_lib.check_setting("workers", workers)
+        self.threads_per_worker = workers_lib.check_setting("threads_per_worker", threads_per_worker)
+        if slots_per_gpu < 1:
+            raise SearchSpaceError(f"hydra.sweeper.slots_per_gpu={slots_per_gpu}; must be >= 1")
+        self.slots_per_gpu = slots_per_gpu
+        self.calibrate: Callable[[DictConfig, int], tuple[int, int]] | None = (
+            get_method(calibrate) if calibrate else None
+        )
         self.hydra_context: HydraContext | None = None
         self.config: DictConfig | None = None
         self.launcher = None
-        self._job_idx = 0
         self._checked: dict[tuple[str, ...], str | None] = {}  # overrides -> why invalid (None: valid)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
@@ -108,6 +130,7 @@ class OptunaSweeper(Sweeper):
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config
         )
+        _compose_once(hydra_context.config_loader)
 
     # -- the sweep -----------------------------------------------------------------------------
 
@@ -115,24 +138,37 @@ class OptunaSweeper(Sweeper):
         assert self.config is not None and self.hydra_context is not None
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         space = search_space.parse([f"{k}={v}" for k, v in self.params.items()] + arguments, parser)
-        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir = Path(self.config.hydra.sweep.dir).absolute()
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        saved = copy.deepcopy(self.config)
-        if saved.hydra.sweeper.get("storage"):  # the sweep's record never shows a password
-            saved.hydra.sweeper.storage = _shown(saved.hydra.sweeper.storage)
-        for kind in ("hydra", "task"):  # ... nor do the overrides it records
-            saved.hydra.overrides[kind] = [_shown_override(o) for o in saved.hydra.overrides[kind]]
-        OmegaConf.save(saved, sweep_dir / "multirun.yaml")
+        worker = workers_lib.is_worker()
+        if not worker:
+            saved = copy.deepcopy(self.config)
+            if saved.hydra.sweeper.get("storage"):  # the sweep's record never shows a password
+                saved.hydra.sweeper.storage = _shown(saved.hydra.sweeper.storage)
+            for kind in ("hydra", "task"):  # ... nor do the overrides it records
+                saved.hydra.overrides[kind] = [_shown_override(o) for o in saved.hydra.overrides[kind]]
+            OmegaConf.save(saved, sweep_dir / "multirun.yaml")
 
         studies = self._studies(space)
-        self._refuse_if_all_invalid(studies)
+        if not worker:
+            self._refuse_if_all_invalid(studies)
         try:
             with interruptible():
-                summaries = [self._optimize(name, sub) for name, sub in studies]
+                opened = [self._open(name, sub) for name, sub in studies]
+                if worker:
+                    for s in opened:
+                        self._work(s, progress=None)
+                    return {}  # the coordinator reports the study
+                if self.workers:
+                    self._coordinate(opened, sweep_dir)
+                else:
+                    for s in opened:
+                        self._work(s, _Progress(s.target))
         except Interrupted as e:
-            self._say_how_to_resume(e)
+            if not worker:
+                self._say_how_to_resume(e)
             raise
-        summary = merge_summaries(self.resolve_study_name(), summaries)
+        summary = merge_summaries(self.resolve_study_name(), [self.summary(s.study, s.target) for s in opened])
         global _LAST_SUMMARY
         _LAST_SUMMARY = summary
         (sweep_dir / "optuna_summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -208,25 +244,31 @@ class OptunaSweeper(Sweeper):
             out.append((f"{name}/{label}" if per else name, SearchSpace(inner, fixed + space.fixed)))
         return out
 
-    def _optimize(self, study_name: str, space: SearchSpace) -> dict[str, Any]:
-        """Run (or resume) one study until it holds its trials; return its summary."""
+    def _open(self, study_name: str, space: SearchSpace) -> _Study:
+        """Create or load one study; the first process in (not a worker) also fails the trials
+        of dead workers, queues retries and enqueues the grid, all under the store lock."""
         sampler = study_lib.make_sampler(self.sampler_name, self.seed, self.sampler_kwargs, space)
         is_grid = isinstance(sampler, optuna.samplers.GridSampler)
         target = self.n_trials or (space.grid_size() if is_grid else 20)
-        study = optuna.create_study(
-            storage=open_storage(self.storage),
-            study_name=study_name,
-            sampler=sampler,
-            pruner=study_lib.make_pruner(self.pruner_name, self.pruner_kwargs),
-            direction=self.direction,
-            load_if_exists=True,
-        )
-        if self.seed is not None and not is_grid and study.trials:
-            # Resumed: a sampler seeded as before would propose the first trials' points again.
-            study.sampler = study_lib.make_sampler(
-                self.sampler_name, self.seed + len(study.trials), self.sampler_kwargs, space
+        storage = open_storage(self.storage)
+        with store_lock(resolve_storage(self.storage)):
+            study = optuna.create_study(
+                storage=storage,
+                study_name=study_name,
+                sampler=sampler,
+                pruner=study_lib.make_pruner(self.pruner_name, self.pruner_kwargs),
+                direction=self.direction,
+                load_if_exists=True,
             )
-        study_lib.recover(study, self.retry_failed)
+            if self.seed is not None and not is_grid and study.trials:
+                # Resumed: a sampler seeded as before would propose the first trials' points again.
+                study.sampler = study_lib.make_sampler(
+                    self.sampler_name, self.seed + len(study.trials), self.sampler_kwargs, space
+                )
+            if not workers_lib.is_worker():
+                study_lib.recover(study, self.retry_failed)
+                if is_grid:
+                    study_lib.enqueue_grid(study, sampler, space, self.n_trials)
         log.info(
             "Optuna study %r (%s): %s, %d trials, dimensions: %s",
             study.study_name,
@@ -235,46 +277,100 @@ class OptunaSweeper(Sweeper):
             target,
             ", ".join(d.name for d in space.dimensions) or "-",
         )
-        progress = _Progress(target)
-        while not self._done(study, sampler, target):
-            batch = self._ask(study, space, progress)
-            if batch:
-                self._run(study, batch, progress)
-        return self.summary(study, target)
+        return _Study(study, space, target, is_grid)
+
+    def _work(self, s: _Study, progress: _Progress | None) -> None:
+        """Claim and run trials of one study until none is left to claim (or, in a worker,
+        until its coordinator is gone: an orphan finishes its trial and claims no other)."""
+        while workers_lib.coordinator_alive() and (batch := self._claim(s, progress)):
+            self._run(s.study, batch, progress)
+
+    def _coordinate(self, opened: list[_Study], sweep_dir: Path) -> None:
+        """Start the workers, draw the progress line until they exit, stop them on an error."""
+        assert self.config is not None
+        cpus = workers_lib.usable_cpus()
+        measure = None
+        if self.calibrate is not None:
+            task_cfg = copy.deepcopy(self.config)
+            with open_dict(task_cfg):
+                del task_cfg["hydra"]
+            measure = lambda: self.calibrate(task_cfg, cpus)  # noqa: E731
+        slots = workers_lib.plan(
+            self.workers, self.threads_per_worker, workers_lib.visible_gpus(), self.slots_per_gpu, cpus, measure
+        )
+        cmd = workers_lib.command(self.config, sweep_dir)
+        log_dir = sweep_dir / "workers"
+        log.info("%d workers (logs in %s): %s", len(slots), log_dir, "; ".join(s.label() for s in slots))
+        total = sum(s.target for s in opened)
+        progress = workers_lib.Progress(self.resolve_study_name(), total, len(slots))
+        studies = [s.study for s in opened]
+        _hooks.starting_workers()  # e.g. the MLflow parent run, which the workers join
+        running = [workers_lib.start(cmd, slot, log_dir) for slot in slots]
+        crashed: list[str] = []
+        try:
+            while running:
+                time.sleep(1.0)
+                progress.update(studies)
+                for w in [w for w in running if w.proc.poll() is not None]:
+                    running.remove(w)
+                    if w.proc.returncode == 0:
+                        continue
+                    crashed.append(f"worker {w.slot.index} exited with {w.proc.returncode} ({w.log_path})")
+                    log.error("%s; last lines:\n%s", crashed[-1], workers_lib.tail(w.log_path))
+                    with store_lock(resolve_storage(self.storage)):
+                        for s in studies:  # its trial goes back to the queue
+                            study_lib.recover(s, retry_failed=False)
+                    if _n_waiting(studies) and len(crashed) <= len(slots):  # a replacement, not a crash loop
+                        running.append(workers_lib.start(cmd, w.slot, log_dir))
+        except BaseException:
+            workers_lib.stop(running)
+            raise
+        finally:
+            progress.update(studies)
+            progress.close()
+        left = _n_waiting(studies)
+        if crashed and left:
+            raise SweepFailedError(
+                f"{'; '.join(crashed)}; {left} trials are still queued: run the command again to finish them"
+            )
 
     def resolve_study_name(self) -> str:
         assert self.config is not None
         return self.study_name or str(self.config.hydra.job.name)
 
-    def _done(self, study: optuna.Study, sampler: optuna.samplers.BaseSampler, target: int) -> bool:
-        if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-            return False  # queued retries run first
-        if isinstance(sampler, optuna.samplers.GridSampler):
-            # A user-set n_trials may stop a grid early; otherwise every point runs once.
-            if self.n_trials is not None and _n_counted(study) >= self.n_trials:
-                return True
-            return sampler.is_exhausted(study)
-        return _n_counted(study) >= target
-
-    def _ask(self, study: optuna.Study, space: SearchSpace, progress: _Progress) -> list[tuple[Trial, list[str]]]:
-        """Ask up to n_jobs trials; skip (tell FAIL, `skipped`) those whose config is invalid."""
+    def _claim(self, s: _Study, progress: _Progress | None) -> list[tuple[Trial, list[str]]]:
+        """Claim up to n_jobs trials; skip (tell FAIL, `skipped`) those whose config is invalid."""
         batch = []
-        # Never ask more than the study still needs, so parallel batches add no extra trials.
-        room = max(progress.total - _n_counted(study), 1)
-        for _ in range(min(self.n_jobs, room)):
-            trial = study.ask()
-            study._storage.set_trial_system_attr(trial._trial_id, "worker", study_lib.worker())
-            overrides = space.overrides(space.suggest(trial))
+        while len(batch) < self.n_jobs:
+            trial = retrying(lambda: study_lib.claim(s.study), "claiming a trial")
+            if trial is None and not s.is_grid:
+                trial = self._ask_new(s)
+            if trial is None:
+                break
+            overrides = s.space.overrides(s.space.suggest(trial))
             trial.set_user_attr("overrides", " ".join(overrides))
             reason = self._invalid(overrides)
             if reason is not None:
                 log.warning("trial %d skipped: %s (%s)", trial.number, reason, " ".join(overrides))
                 trial.set_user_attr("skipped", reason)
-                study.tell(trial, state=TrialState.FAIL)
-                progress.update(study, trial.number, "skipped", None, launched=False)
+                s.study.tell(trial, state=TrialState.FAIL)
+                if progress is not None:
+                    progress.update(s.study, trial.number, "skipped", None, launched=False)
             else:
                 batch.append((trial, overrides))
         return batch
+
+    def _ask_new(self, s: _Study) -> Trial | None:
+        """A new trial from the sampler while the study holds fewer than its target (finished,
+        running and queued trials all count, so workers together never overshoot)."""
+        with store_lock(resolve_storage(self.storage)):
+            c = study_lib.counts(s.study)
+            held = sum(c[k] for k in study_lib.OUTCOMES) + c["running"] + c["waiting"]
+            if held >= s.target:
+                return None
+            trial = s.study.ask()
+            s.study._storage.set_trial_system_attr(trial._trial_id, "worker", study_lib.worker())
+            return trial
 
     def _invalid(self, overrides: list[str]) -> str | None:
         """Why this trial's config cannot run, found without launching it; None if it can."""
@@ -287,11 +383,16 @@ class OptunaSweeper(Sweeper):
         assert self.config is not None and self.hydra_context is not None
         return check_point(self.hydra_context.config_loader, self.config, overrides, self.validate)
 
-    def _run(self, study: optuna.Study, batch: list[tuple[Trial, list[str]]], progress: _Progress) -> None:
+    def _run(self, study: optuna.Study, batch: list[tuple[Trial, list[str]]], progress: _Progress | None) -> None:
         assert self.launcher is not None
-        first = self._job_idx
-        self._job_idx += len(batch)
-        _ACTIVE.update({first + i: trial for i, (trial, _) in enumerate(batch)})
+        numbers = [trial.number for trial, _ in batch]
+        if numbers != list(range(numbers[0], numbers[0] + len(batch))):
+            for one in batch:  # the job number is the trial number: run them one by one
+                self._run(study, [one], progress)
+            return
+        # Hydra's job number is the trial number, unique across workers sharing a sweep folder.
+        first = numbers[0]
+        _ACTIVE.update({trial.number: trial for trial, _ in batch})
         told: set[int] = set()
         try:
             for trial, overrides in batch:
@@ -302,7 +403,8 @@ class OptunaSweeper(Sweeper):
             for (trial, _), ret in zip(batch, results):
                 state, value = self._tell(study, trial, ret)
                 told.add(trial.number)
-                progress.update(study, trial.number, state, value, launched=True, seconds=elapsed)
+                if progress is not None:
+                    progress.update(study, trial.number, state, value, launched=True, seconds=elapsed)
         except BaseException as e:
             # Ctrl-C, or a launcher error: these trials did not fail on their own, so the
             # next run retries them.
@@ -315,8 +417,8 @@ class OptunaSweeper(Sweeper):
                     study.tell(trial, state=TrialState.FAIL)
             raise
         finally:
-            for i in range(len(batch)):
-                _ACTIVE.pop(first + i, None)
+            for number in numbers:
+                _ACTIVE.pop(number, None)
 
     def _tell(self, study: optuna.Study, trial: Trial, ret: JobReturn) -> tuple[str, float | None]:
         if ret.status == JobStatus.COMPLETED:
@@ -365,6 +467,7 @@ class OptunaSweeper(Sweeper):
             "direction": self.direction,
             "n_trials": target,
             "counts": counts,
+            "running": len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))),
             "best": best,
             "trials": [
                 {
@@ -379,14 +482,31 @@ class OptunaSweeper(Sweeper):
         }
 
 
-def resolve_storage(storage: str | None) -> str:
-    """The storage URL; a relative SQLite path is made absolute against the working directory
-    at launch, so jobs that chdir (hydra.job.chdir=true) still reach the same file."""
-    url = storage or "sqlite:///optuna.db"
-    prefix = "sqlite:///"
-    if url.startswith(prefix) and not url[len(prefix) :].startswith("/") and url[len(prefix) :] != ":memory:":
-        url = prefix + os.path.abspath(url[len(prefix) :])
-    return url
+def _compose_once(loader: Any) -> None:
+    """Let the launcher reuse the config `_invalid` composed for the same trial. Composing is
+    the largest cost of a trial outside training and evaluation (about half of it, profiled on
+    the CPU budget), and Hydra's launcher composes again what the sweeper just composed to
+    validate. One entry: the config of the last composition, handed out once."""
+    if getattr(loader, "_pipeline_compose_once", False):
+        return
+    compose = loader.load_sweep_config
+    last: dict[tuple[int, tuple[str, ...]], DictConfig] = {}
+
+    def load_sweep_config(master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
+        key = (id(master_config), tuple(sweep_overrides))
+        if key in last:
+            return last.pop(key)
+        cfg = compose(master_config, sweep_overrides)
+        last.clear()
+        last[key] = copy.deepcopy(cfg)
+        return cfg
+
+    loader.load_sweep_config = load_sweep_config
+    loader._pipeline_compose_once = True
+
+
+def _n_waiting(studies: list[optuna.Study]) -> int:
+    return sum(len(s.get_trials(deepcopy=False, states=(TrialState.WAITING,))) for s in studies)
 
 
 def check_point(
@@ -415,19 +535,6 @@ def check_point(
     finally:
         HydraConfig.instance().cfg = saved
     return None
-
-
-def open_storage(storage: str | None) -> optuna.storages.BaseStorage:
-    """The study storage, opened once per sweep; a SQLite file that is corrupt, empty or cannot
-    be created is refused in one line naming it (never silently replaced by a new study)."""
-    from pipeline.tracking.uri import StoreError, check_store, redact
-
-    url = resolve_storage(storage)
-    check_store(url, "Optuna storage")
-    try:
-        return optuna.storages.RDBStorage(url)
-    except Exception as e:  # a server that refuses, a schema from another Optuna version
-        raise StoreError(f"Optuna storage {redact(url)} cannot be opened: {_one_line(e).splitlines()[0]}") from e
 
 
 def _shown(storage: str | None) -> str:
@@ -477,7 +584,7 @@ class _Progress:
         c = study_lib.counts(study)
         done = sum(c[k] for k in study_lib.OUTCOMES)
         left = max(self.total - done, 0)
-        eta = _hms(left * sum(self.durations) / len(self.durations)) if self.durations else "?"
+        eta = workers_lib.hms(left * sum(self.durations) / len(self.durations)) if self.durations else "?"
         shown = f"{value:.4f}" if value is not None else ""
         counts = " ".join(f"{k} {c[k]}" for k in study_lib.OUTCOMES)
         log.info(
@@ -492,13 +599,6 @@ class _Progress:
             left,
             eta,
         )
-
-
-def _hms(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 def merge_summaries(name: str, studies: list[dict[str, Any]]) -> dict[str, Any]:
@@ -517,6 +617,7 @@ def merge_summaries(name: str, studies: list[dict[str, Any]]) -> dict[str, Any]:
         "direction": studies[0]["direction"],
         "n_trials": sum(s["n_trials"] for s in studies),
         "counts": counts,
+        "running": sum(s["running"] for s in studies),
         "best": best,
         "trials": [t | {"study": s["study"]} for s in studies for t in s["trials"]],
         "studies": studies,

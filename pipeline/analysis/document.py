@@ -22,6 +22,9 @@ class Doc:
     def p(self, text: str) -> None:
         self.blocks.append(("p", text))
 
+    def ul(self, items: Sequence[str]) -> None:
+        self.blocks.append(("ul", list(items)))
+
     def table(self, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         self.blocks.append(("table", list(header), [list(r) for r in rows]))
 
@@ -35,6 +38,8 @@ class Doc:
                 out.append("#" * b[1] + " " + b[2])
             elif b[0] == "p":
                 out.append(b[1])
+            elif b[0] == "ul":
+                out.append("\n".join(f"- {i}" for i in b[1]))
             elif b[0] == "table":
                 rows = [b[1], ["---"] * len(b[1]), *b[2]]
                 out.append("\n".join("| " + " | ".join(r) + " |" for r in rows))
@@ -62,6 +67,8 @@ class Doc:
                 out.append(f"<h{b[1]}>{self._inline(b[2])}</h{b[1]}>")
             elif b[0] == "p":
                 out.append(f"<p>{self._inline(b[1])}</p>")
+            elif b[0] == "ul":
+                out.append("<ul>" + "".join(f"<li>{self._inline(i)}</li>" for i in b[1]) + "</ul>")
             elif b[0] == "table":
                 head = "".join(f"<th>{self._inline(c)}</th>" for c in b[1])
                 body = "".join("<tr>" + "".join(f"<td>{self._inline(c)}</td>" for c in r) + "</tr>" for r in b[2])

@@ -53,16 +53,83 @@ def pareto_front(points: Sequence[tuple[float, float]], x_lower_is_better: bool)
     return sorted(front, key=lambda i: sign * points[i][0])
 
 
-def curves(series: Mapping[str, Sequence[Curve]], xlabel: str, ylabel: str, path: Path) -> Path:
-    """Overlaid curves, one colour per configuration, one thin line per seed."""
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    col = colours(list(series))
-    for label, runs in series.items():
-        for i, (x, y) in enumerate(runs):
-            ax.plot(x, y, color=col[label], lw=1.2, alpha=0.85, label=label if i == 0 else None)
-    ax.set(xlabel=xlabel, ylabel=ylabel)
-    ax.grid(alpha=0.3)
-    _legend(ax, len(series))
+def mean_band(runs: Sequence[Curve], log_x: bool = False, n: int = 60) -> tuple[np.ndarray, ...] | None:
+    """(x, mean, low, high) of several runs' curves on the x range they all cover: the same x
+    when the runs share them, else n points (log-spaced for a compute axis). Band: mean +- 1 sd
+    over the runs (none for one run)."""
+    runs = [(np.asarray(x, float), np.asarray(y, float)) for x, y in runs if len(x)]
+    if not runs:
+        return None
+    lo, hi = max(x.min() for x, _ in runs), min(x.max() for x, _ in runs)
+    if hi < lo:
+        return None
+    same = all(len(x) == len(runs[0][0]) and np.allclose(x, runs[0][0]) for x, _ in runs)
+    if same:
+        grid = runs[0][0]
+    elif log_x and lo > 0:
+        grid = np.geomspace(lo, hi, n)
+    else:
+        grid = np.linspace(lo, hi, n)
+    ys = np.array([np.interp(grid, x, y) for x, y in runs])
+    mean = ys.mean(axis=0)
+    sd = ys.std(axis=0, ddof=1) if len(ys) > 1 else np.zeros_like(mean)
+    return grid, mean, mean - sd, mean + sd
+
+
+def _floors(ax, floors: Mapping[str, float]) -> None:
+    for i, (name, v) in enumerate(floors.items()):
+        ax.axhline(v, color="0.35", lw=0.9, ls=(0, (4, 2 + 2 * i)), label=name)
+
+
+def grouped_curves(
+    panels: Mapping[str, Mapping[str, Sequence[Curve]]],
+    xlabel: str,
+    ylabel: str,
+    path: Path,
+    floors: Mapping[str, float] | None = None,
+    log_x: bool = False,
+    vline: float | None = None,
+) -> Path:
+    """One panel per factor, one line per level: the mean over that level's runs (every other
+    factor and seed) with a +-1 sd band, and the n-gram floors as dashed lines."""
+    n = len(panels)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    size = (9.5, 4.8) if n == 1 else (5.2 * cols, 3.9 * rows)
+    fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False, sharey=True, layout="constrained")
+    for ax, (factor, levels) in zip(axes.flat, panels.items()):
+        col = colours(list(levels))
+        top = []
+        for level, runs in levels.items():
+            mb = mean_band(runs, log_x)
+            if mb is None:
+                continue
+            x, mean, lo, hi = mb
+            ax.plot(x, mean, color=col[level], lw=1.6, label=f"{level} ({len(runs)} runs)")
+            ax.fill_between(x, lo, hi, color=col[level], alpha=0.18, lw=0)
+            top.append(mean[len(mean) // 4] if len(mean) > 4 else mean[0])
+        if floors:
+            _floors(ax, floors)
+        if vline is not None and math.isfinite(vline):
+            ax.axvline(vline, color="k", lw=0.8, ls=":", label="matched compute")
+        if log_x:
+            ax.set_xscale("log")
+        ax.set(title=factor, xlabel=xlabel)
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+        if n == 1:  # one panel of configurations: long labels go beside it
+            ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        else:
+            ax.legend(fontsize=7, frameon=False)
+        lows = [v for v in (floors or {}).values()]
+        if top:  # the early steps' large losses would squeeze the curves flat
+            ax.set_ylim(top=max(top) * 1.02)
+        if lows and top:
+            ax.set_ylim(bottom=min(lows) * 0.98)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(ylabel)
     return _save(fig, path)
 
 
@@ -113,14 +180,18 @@ def pareto(panels: Sequence[tuple[str, bool, Mapping[str, tuple[float, float]]]]
     return _save(fig, path)
 
 
-def effects_forest(rows: Sequence[tuple[str, float, float, float]], xlabel: str, path: Path) -> Path:
-    """Main effects with confidence intervals: rows of (label, estimate, low, high)."""
+def effects_forest(
+    rows: Sequence[tuple[str, float, float, float]], xlabel: str, path: Path, significant: Sequence[bool] = ()
+) -> Path:
+    """Main effects with confidence intervals: rows of (label, estimate, low, high); filled
+    markers for those significant after the correction, open ones for the rest."""
     fig, ax = plt.subplots(figsize=(6.5, 0.35 * len(rows) + 1.2))
     y = np.arange(len(rows))[::-1]
-    for yi, (_label, est, lo, hi) in zip(y, rows):
+    sig = list(significant) or [True] * len(rows)
+    for yi, (_label, est, lo, hi), s in zip(y, rows, sig):
         if math.isfinite(lo):
             ax.plot([lo, hi], [yi, yi], color="C0", lw=2)
-        ax.plot([est], [yi], "o", color="C0")
+        ax.plot([est], [yi], "o", color="C0", mfc="C0" if s else "white")
     ax.axvline(0, color="k", lw=0.8)
     ax.set_yticks(y, [r[0] for r in rows], fontsize=8)
     ax.set(xlabel=xlabel)
@@ -155,9 +226,9 @@ def scaling(
         fit = fits.get(arch)
         if fit is not None:
             grid = np.logspace(np.log10(min(C)), np.log10(max(C)), 50)
-            ax.plot(grid, fit.loss(grid), color=col[arch], lw=1)
+            ax.plot(grid, fit.loss(grid), color=col[arch], lw=1, ls="-" if fit.identifiable else ":")
     ax.set_xscale("log")
-    ax.set(xlabel="training compute C = 6 N_active D (FLOPs)", ylabel="final val loss")
+    ax.set(xlabel="training compute C = 3 x forward FLOPs/token x tokens", ylabel="final val loss")
     ax.grid(alpha=0.3, which="both")
     _legend(ax, len(points))
     return _save(fig, path)

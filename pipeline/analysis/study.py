@@ -4,12 +4,16 @@ Schema read (pipeline.tracking.schema): experiment = study; trials are the exper
 sweep parents (tag sweep=true); tags pos_enc/norm/attention/ffn/seed; params = the resolved
 config flattened to dotted keys. A configuration is a trial's params minus the run-specific
 ones (seeds, tracking, paths), so the seeds of one configuration are pooled.
+
+The unit of replication is a distinct seed (`select_replicates`): one run per (configuration,
+seed), the newest; a run tagged `rerun_of` is a check of another run, never a replicate (on CPU
+it reproduces its original exactly, and counting it would claim zero noise).
 """
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -38,6 +42,9 @@ RUN_SPECIFIC_LEAVES = {
     "tracking_uri",
 }
 RUN_SPECIFIC_ROOTS = {"tracking", "hydra", "paths", "sweep"}
+# An extra param with more distinct values than this was sampled (TPE over a learning rate),
+# not laid out as a grid: it is a column of the tables, not a factor of the effects.
+MAX_GRID_LEVELS = 6
 
 # ---------------------------------------------------------------------------------------------
 # Reading MLflow
@@ -205,9 +212,53 @@ def level_labels(trials: Sequence[Trial]) -> dict[str, dict[str, str]]:
     return out
 
 
+def configuration_key(t: Trial) -> tuple:
+    """What makes two runs the same configuration: every param but the run-specific ones."""
+    return tuple(sorted((k, v) for k, v in t.params.items() if not is_run_specific(k)))
+
+
+@dataclass
+class Selection:
+    """The finished runs a report analyses, and those it sets aside (and why)."""
+
+    used: list[Trial]  # one per (configuration, seed): the newest
+    superseded: list[Trial]  # older runs of a (configuration, seed) that `used` holds
+    reruns: list[Trial]  # tagged rerun_of: checks of another run, not replicates
+    commits: Counter  # git_commit -> runs used
+
+    def rerun_checks(self) -> list[tuple[Trial, Trial | None, float]]:
+        """(rerun, its original when present, |delta final val loss|)."""
+        by_id = {t.run_id: t for t in [*self.used, *self.superseded]}
+        out = []
+        for r in self.reruns:
+            orig = by_id.get(r.tags.get("rerun_of", ""))
+            a, b = r.metrics.get("val/loss", math.nan), orig.metrics.get("val/loss", math.nan) if orig else math.nan
+            out.append((r, orig, abs(a - b)))
+        return out
+
+
+def select_replicates(trials: Sequence[Trial]) -> Selection:
+    """Finished runs deduplicated on (configuration, seed), newest wins; reruns set aside.
+    `trials` are oldest first (as load_study returns them)."""
+    done = [t for t in trials if t.status == "FINISHED"]
+    reruns = [t for t in done if t.tags.get("rerun_of")]
+    newest: dict[tuple, Trial] = {}
+    superseded = []
+    for t in done:
+        if t.tags.get("rerun_of"):
+            continue
+        key = (configuration_key(t), t.seed)
+        if key in newest:
+            superseded.append(newest[key])
+        newest[key] = t
+    used = list(newest.values())
+    return Selection(used, superseded, reruns, Counter(t.tags.get("git_commit", "?") for t in used))
+
+
 def group_configurations(trials: Sequence[Trial]) -> tuple[list[Configuration], list[str]]:
     """Finished trials grouped by configuration; also the extra (non-component) params that
-    vary between configurations, e.g. model.d_model in a scaling study."""
+    vary between configurations, e.g. model.d_model in a scaling study. Pass the runs of
+    `select_replicates(...).used` so each seed counts once."""
     done = [t for t in trials if t.status == "FINISHED"]
     labels = level_labels(done)
     keys = sorted({k for t in done for k in t.params if not is_run_specific(k)})
@@ -273,10 +324,24 @@ def factors_and_levels(
             by_arch[c.arch].add(level_of(c, f))
         return all(len(v) == 1 for v in by_arch.values())
 
-    factors = [f for f in candidates if len(levels[f]) > 1 and (f in FAMILIES or not follows_components(f))]
+    def sampled(f: str) -> bool:  # a hyperparameter a sampler drew (tune_lr): a column, not a factor
+        return f not in FAMILIES and len(levels[f]) > MAX_GRID_LEVELS
+
+    factors = [
+        f for f in candidates if len(levels[f]) > 1 and (f in FAMILIES or not (follows_components(f) or sampled(f)))
+    ]
+    # A factor that is not a component family defaults to the level the GPT-2 baseline
+    # configurations share, when they share one (gpt_to_llama: gpt2's bias and tied head; not
+    # a size, which they span), else to its first level.
+    base = [c for c in configs if all(c.levels[f].split("(")[0] == BASELINE[f] for f in FAMILIES)]
+
+    def base_level(f: str) -> str | None:
+        shared = {level_of(c, f) for c in base}
+        return shared.pop() if len(shared) == 1 else None
+
     ref = {}
     for f in factors:
-        want = reference.get(f, BASELINE.get(f))
+        want = reference.get(f, BASELINE.get(f) or base_level(f))
         matches = [lvl for lvl in levels[f] if lvl == want or lvl.split("(")[0] == want]
         if f in reference and not matches:
             raise StudyError(
@@ -293,8 +358,17 @@ def factorial(
     ref: dict[str, str],
     key: str,
     transform=lambda v: v,
+    value_of=None,
 ) -> Factorial:
-    cells: dict[tuple, list[float]] = defaultdict(list)
+    """The study's factorial of `key` (or of `value_of(trial)`): one value per cell and seed.
+    Two configurations in one cell (a param that is neither a factor nor follows the
+    components) are averaged per seed."""
+    per: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for c in configs:
-        cells[tuple(level_of(c, f) for f in factors)].extend(transform(c.values(key)).tolist())
-    return Factorial(factors, cells, {f: levels[f] for f in factors}, ref)
+        cell = tuple(level_of(c, f) for f in factors)
+        for t in c.trials:
+            v = value_of(t) if value_of else t.metrics.get(key, math.nan)
+            if v is not None and math.isfinite(v):
+                per[cell][t.seed].append(float(transform(np.asarray(v))))
+    cells = {cell: {s: float(np.mean(v)) for s, v in seeds.items()} for cell, seeds in per.items()}
+    return Factorial.from_cells(factors, cells, {f: levels[f] for f in factors}, ref)

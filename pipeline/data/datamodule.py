@@ -54,10 +54,12 @@ class LMDataModule(L.LightningDataModule):
         seed: int = 0,
         val_batches: int = 8,
         num_workers: int = 0,
+        pin_memory: bool = False,
     ):
         super().__init__()
         self.cfg, self.context_length, self.batch_size = cfg, context_length, batch_size
         self.seed, self.val_batches, self.num_workers = seed, val_batches, num_workers
+        self.pin_memory = pin_memory  # for a CUDA run: batches in page-locked memory
         self._splits: TokenSplits | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -83,13 +85,13 @@ class LMDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         windows = RandomWindows(self.splits.train, self.context_length, self.batch_size, self.seed)
-        return DataLoader(windows, batch_size=None, num_workers=self.num_workers)
+        return DataLoader(windows, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
 
     def val_dataloader(self) -> DataLoader:
         x, y = fixed_windows(self.splits.val, self.context_length, self.val_batches * self.batch_size)
         if len(x) > self.batch_size:  # full batches only, so every batch weighs the same in the mean
             x, y = x[: len(x) - len(x) % self.batch_size], y[: len(y) - len(y) % self.batch_size]
-        return DataLoader(TensorDataset(x, y), batch_size=self.batch_size, shuffle=False)
+        return DataLoader(TensorDataset(x, y), batch_size=self.batch_size, shuffle=False, pin_memory=self.pin_memory)
 
     def test_tokens(self) -> torch.Tensor:
         """The held-out test split as one LongTensor, for evaluation at any context length."""

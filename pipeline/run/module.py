@@ -17,11 +17,18 @@ from pipeline.tracking.schema import Metric, moe_load
 
 
 class LitDecoderLM(L.LightningModule):
-    def __init__(self, model_cfg: ModelConfig, optim: OptimConfig, max_steps: int) -> None:
+    """`check_finite_every`: steps between checks that the training loss stayed finite. Each
+    check reads a value back to the host, which on a GPU waits for all queued work; so a GPU
+    run checks every few steps (a flag kept on the device records every step in between)."""
+
+    def __init__(self, model_cfg: ModelConfig, optim: OptimConfig, max_steps: int, check_finite_every: int = 1) -> None:
         super().__init__()
         self.model = DecoderLM(model_cfg)
         self.optim = optim
         self.max_steps = max_steps
+        self.check_finite_every = check_finite_every
+        self._finite: Tensor | None = None  # all training losses finite since the last check
+        self._last_loss: Tensor | None = None
         self._load_sum: Tensor | None = None  # MoE expert load summed since the last validation
         self._load_steps = 0
         self.tokens_seen = 0
@@ -33,8 +40,7 @@ class LitDecoderLM(L.LightningModule):
         x, y = batch
         logits, aux = self.model(x, return_aux=True)
         lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-        if not torch.isfinite(lm_loss):
-            raise FloatingPointError(f"{Metric.TRAIN_LOSS} is {lm_loss.item()} at step {self.global_step}")
+        self._track_finite(lm_loss)
         self.tokens_seen += y.numel()
         self.log(Metric.TRAIN_LOSS, lm_loss, prog_bar=True)
         self.log(Metric.TRAIN_TOKENS_SEEN, float(self.tokens_seen))
@@ -53,6 +59,25 @@ class LitDecoderLM(L.LightningModule):
         self._load_sum = load if self._load_sum is None else self._load_sum + load
         self._load_steps += 1
         return lm_loss + aux["moe_loss"]
+
+    def _track_finite(self, loss: Tensor) -> None:
+        finite = torch.isfinite(loss.detach())
+        self._finite = finite if self._finite is None else self._finite & finite
+        self._last_loss = loss.detach()
+        if (self.global_step + 1) % self.check_finite_every == 0:
+            self.check_finite()
+
+    def check_finite(self) -> None:
+        """Raise if a training loss since the last check was NaN or infinite."""
+        finite, self._finite = self._finite, None
+        if finite is None or bool(finite):
+            return
+        if self.check_finite_every == 1:
+            raise FloatingPointError(f"{Metric.TRAIN_LOSS} is {self._last_loss.item()} at step {self.global_step}")
+        every = self.check_finite_every
+        raise FloatingPointError(
+            f"{Metric.TRAIN_LOSS} was not finite at a step up to {self.global_step} (checked every {every})"
+        )
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch

@@ -14,6 +14,9 @@ class OptimConfig:
     weight_decay: float = 0.1
     warmup_steps: int = 30
     min_lr_ratio: float = 0.1
+    # A tune study (e.g. tune_lr) whose best run of this architecture sets lr and warmup_steps
+    # (pipeline.tracking.tuned); None: use lr and warmup_steps as given.
+    lr_from: str | None = None
 
 
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,10 +47,16 @@ def run(
     # Lightning's per-run banners (accelerator, tips) repeat 90 times in a sweep; keep warnings.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    uri = resolve_tracking_uri(tracking_uri or cfg.tracking.uri)
+    tuned_tags: dict[str, str] = {}
+    if spec.optim.lr_from:  # this arm's tuned lr and warmup (optimizer.lr_from), before any data
+        from pipeline.tracking.tuned import apply_tuned
+
+        cfg, spec, tuned_tags = apply_tuned(cfg, spec, uri)
     dm = prepare_data(cfg, spec)
     model_cfg = replace(spec.model, vocab_size=dm.vocab_size)  # the tokenizer decides the vocabulary
 
-    tags = {**run_tags(cfg, spec, model_cfg), **(extra_tags or {})}
+    tags = {**run_tags(cfg, spec, model_cfg), **tuned_tags, **(extra_tags or {})}
     with runs.tracked_run(uri, cfg.study, run_name(cfg, model_cfg), tags, cfg.tracking.system_metrics) as active:
         record_config(cfg, spec, model_cfg, overrides, dm)
         model, val_loss = train(cfg, spec, model_cfg, dm, runs.lightning_logger(uri, active.info.run_id))
@@ -67,7 +74,12 @@ def prepare_data(cfg: DictConfig, spec: RunSpec) -> LMDataModule:
     """Load (or tokenize and cache) the splits; refuse, before any MLflow run exists, a test
     split too short for one evaluation window."""
     dm = LMDataModule(
-        spec.data, spec.model.context_length, spec.batch_size, seed=cfg.seed, val_batches=spec.val_batches
+        spec.data,
+        spec.model.context_length,
+        spec.batch_size,
+        seed=cfg.seed,
+        val_batches=spec.val_batches,
+        pin_memory=_on_cuda(cfg.trainer.accelerator),  # page-locked batches copy to the GPU asynchronously
     )
     dm.setup("fit")
     factors = cfg.eval.get("factors", [1])
@@ -105,6 +117,7 @@ def resolved_config(cfg: DictConfig, spec: RunSpec, model_cfg: ModelConfig) -> d
     """The config as run: Hydra's, with the model as built (vocabulary, table length, preset)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved["model"] = {**model_cfg.to_dict(), "preset": spec.preset}
+    resolved["trainer"]["val_check_interval"] = spec.val_check_interval  # the value used
     if (resolved.get("tracking") or {}).get("uri"):  # params and config.yaml never show a password
         resolved["tracking"]["uri"] = redact(resolved["tracking"]["uri"])
     return resolved
@@ -135,14 +148,27 @@ def train(
 
     from pipeline.run.callbacks import Throughput
     from pipeline.run.module import LitDecoderLM
-    from pipeline.tracking.sweep import trial_callbacks
+    from pipeline.tracking.sweep import trial_callbacks, trial_trainer_kwargs
 
-    lit = LitDecoderLM(model_cfg, spec.optim, spec.max_steps)
-    throughput = Throughput()
-    trainer = instantiate(cfg.trainer, logger=logger, callbacks=[throughput, *trial_callbacks(cfg)])
+    on_cuda = _on_cuda(cfg.trainer.accelerator)
+    # On a GPU the finite-loss check and the throughput clock sync with the host only every few
+    # steps, not every step (a sync stalls the kernel queue).
+    lit = LitDecoderLM(model_cfg, spec.optim, spec.max_steps, check_finite_every=10 if on_cuda else 1)
+    throughput = Throughput(sync=on_cuda)
+    trainer = instantiate(
+        cfg.trainer,
+        val_check_interval=spec.val_check_interval,
+        logger=logger,
+        callbacks=[throughput, *trial_callbacks(cfg)],
+        **trial_trainer_kwargs(),
+    )
+    tic = time.perf_counter()
     trainer.fit(lit, datamodule=dm)
     if trainer.interrupted:
         raise KeyboardInterrupt("training interrupted")
+    lit.check_finite()  # the steps since the last check
+    # Training's share of the trial: with eval/seconds, the rest of a trial is overhead.
+    mlflow.log_metric(Metric.TRAIN_SECONDS, time.perf_counter() - tic)
     if throughput.tokens_per_s:
         mlflow.log_metric(Metric.COST_TRAIN_TOKENS_PER_S, throughput.tokens_per_s)
     return lit.model, float(trainer.callback_metrics[Metric.VAL_LOSS])
@@ -175,3 +201,9 @@ def record_loss_curves(uri: str, run_id: str, out_dir: Path) -> None:
 def _redact_override(override: str) -> str:
     key, sep, value = override.partition("=")
     return f"{key}{sep}{redact(value)}" if sep else override
+
+
+def _on_cuda(accelerator: str) -> bool:
+    import torch
+
+    return accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()

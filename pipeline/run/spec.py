@@ -6,6 +6,7 @@ here reads data or creates a run.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,8 @@ from pipeline.evaluate.extrapolation import check_factors
 from pipeline.model import ConfigError, ModelConfig
 from pipeline.names import BadName, check_name
 from pipeline.run.optim import OptimConfig
+
+log = logging.getLogger(__name__)
 
 
 class RunConfigError(ValueError):
@@ -38,6 +41,7 @@ class RunSpec:
     val_batches: int
     optim: OptimConfig
     max_steps: int
+    val_check_interval: int  # at most max_steps: a shortened run still validates at its end
 
 
 def _require(key: str, value: Any, ok: bool, valid: str) -> None:
@@ -74,11 +78,11 @@ def validate_config(cfg: DictConfig) -> RunSpec:
     )
     every = t.get("val_check_interval")
     _require(
-        "trainer.val_check_interval",
-        every,
-        isinstance(every, int) and 0 < every <= steps,
-        f"use an integer number of steps between 1 and trainer.max_steps={steps}",
+        "trainer.val_check_interval", every, isinstance(every, int) and every > 0, "use a positive number of steps"
     )
+    if every > steps:  # e.g. trainer.max_steps=40 under a budget that validates every 100
+        log.info("trainer.val_check_interval=%d > trainer.max_steps=%d: validating every %d steps", every, steps, steps)
+        every = steps
     check_keys("optimizer", c["optimizer"], OptimConfig, RunConfigError)
     o = OptimConfig(**c["optimizer"])
     _require("optimizer.lr", o.lr, o.lr > 0, "use a positive learning rate")
@@ -89,7 +93,13 @@ def validate_config(cfg: DictConfig) -> RunSpec:
         "use a non-negative integer",
     )
     _require("optimizer.weight_decay", o.weight_decay, o.weight_decay >= 0, "use a non-negative value")
-    return RunSpec(model_cfg, preset, data_cfg, batch_size, val_batches, o, steps)
+    _require(
+        "optimizer.lr_from",
+        o.lr_from,
+        o.lr_from is None or (isinstance(o.lr_from, str) and o.lr_from.strip() != ""),
+        "name a tune study (e.g. tune_lr) or use null",
+    )
+    return RunSpec(model_cfg, preset, data_cfg, batch_size, val_batches, o, steps, every)
 
 
 def model_from_config(c: dict[str, Any]) -> tuple[ModelConfig, str | None]:

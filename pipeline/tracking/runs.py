@@ -5,6 +5,7 @@ Every tag and metric name is in `pipeline.tracking.schema`.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import mlflow
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
 from pipeline.tracking.schema import FAILURE_REASON_MAX, TRUE, Tag
+from pipeline.tracking.views import ensure_experiment
 
 PARENT_ENV = "PIPELINE_PARENT_RUN_ID"  # set by the sweep callback for its child runs
 TRIAL_ENV = "PIPELINE_TRIAL_NUMBER"
@@ -33,6 +35,7 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+@functools.cache  # one lookup per process: a sweep worker runs the code it imported at start
 def git_commit() -> str:
     try:
         sha = subprocess.run(
@@ -52,11 +55,16 @@ def git_commit() -> str:
 
 def start_run(uri: str, study: str, run_name: str, tags: dict[str, str], system_metrics: bool) -> mlflow.ActiveRun:
     """Start a run in the study's experiment; a child of the sweep's parent run when inside one."""
+    from hydra_plugins.pipeline_optuna_sweeper.study import worker
+    from pipeline.tracking.stores import prepared
+
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(study)
+    with prepared(uri):  # a fresh store is migrated once, the experiment created once
+        mlflow.set_experiment(experiment_id=ensure_experiment(mlflow.MlflowClient(uri), study))
     tags = dict(tags)
     if os.environ.get(TRIAL_ENV):
         tags[Tag.TRIAL] = os.environ[TRIAL_ENV]
+        tags[Tag.WORKER] = worker()  # host:pid; a resumed sweep ends a dead worker's run KILLED
     return mlflow.start_run(
         run_name=run_name,
         tags=tags,

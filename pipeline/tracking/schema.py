@@ -33,6 +33,8 @@ class Tag:
     TRIAL = "trial"  # the trial's number within its sweep (child runs only)
     CACHE_HIT = "cache_hit"  # TRUE when the tokenized splits came from the cache
     RERUN_OF = "rerun_of"  # run id of the run `pipeline.rerun` started from
+    LR_FROM = "lr_from"  # the tune study optimizer.lr_from named (pipeline.tracking.tuned)
+    LR_FROM_RUN = "lr_from_run"  # the run of that study whose lr and warmup this run took
     # How a run ended (status FAILED or KILLED)
     FAILURE_REASON = "failure_reason"  # `<ExceptionType>: <message>`, cut to FAILURE_REASON_MAX
     PRUNED = "pruned"  # TRUE on a run stopped by the Optuna pruner (status KILLED)
@@ -51,6 +53,10 @@ class Tag:
     # MLflow's own
     PARENT_RUN_ID = "mlflow.parentRunId"
     RUN_NAME = "mlflow.runName"
+    DESCRIPTION = "mlflow.note.content"  # markdown shown on the run's page (the report's run: a link and a summary)
+    # Experiment tags MLflow's UI reads (pipeline.tracking.views writes them)
+    EXPERIMENT_KIND = "mlflow.experimentKind"  # custom_model_development: the model-training pages
+    SAVED_VIEW_PREFIX = "mlflow.sharedViewState."  # + key: a runs-table view, opened by ?viewStateShareKey=key
 
 
 FAILURE_REASON_MAX = 5000  # characters kept of a failure reason (MLflow's tag limit is 8000)
@@ -73,6 +79,7 @@ class Metric:
     MOE_DROPPED = "moe/dropped"  # share of assignments over the capacity factor
     # Evaluation, once after training
     EVAL_SECONDS = "eval/seconds"  # wall time of the whole evaluation (its share of a trial)
+    TRAIN_SECONDS = "train/seconds"  # wall time of training (with eval/seconds: a trial's overhead)
     # Inference cost (pipeline.evaluate.cost): analytic ...
     COST_PARAMS_TOTAL = "cost/params_total"
     COST_PARAMS_ACTIVE = "cost/params_active"  # per token: top_k of n_experts for MoE

@@ -3,7 +3,8 @@
 - `MLflowSweepCallback` (a Hydra callback, registered in pipeline/conf/train.yaml): the sweep is a
   parent run in the study's experiment, every job a child run (through PIPELINE_PARENT_RUN_ID,
   read by pipeline.tracking). Works with the basic sweeper and with `hydra/sweeper=optuna`; an
-  Optuna sweep that is rerun (resumed) reuses its parent run.
+  Optuna sweep that is rerun (resumed) reuses its parent run, and its worker processes join
+  the parent run their coordinator made.
 - `trial_callbacks(cfg)`: the Lightning callbacks a training run needs inside an Optuna trial
   (pruning on val/loss); [] outside a sweep.
 """
@@ -22,13 +23,17 @@ import optuna
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
 
-from hydra_plugins.pipeline_optuna_sweeper import current_trial, last_summary
+from hydra_plugins.pipeline_optuna_sweeper import current_trial, is_worker, last_summary
+from hydra_plugins.pipeline_optuna_sweeper._hooks import before_workers
 from hydra_plugins.pipeline_optuna_sweeper._interrupt import received
+from hydra_plugins.pipeline_optuna_sweeper.storage import resolve_storage
 from hydra_plugins.pipeline_optuna_sweeper.study import worker, worker_dead
-from hydra_plugins.pipeline_optuna_sweeper.sweeper import format_summary, resolve_storage
+from hydra_plugins.pipeline_optuna_sweeper.sweeper import format_summary
 from pipeline.tracking.runs import PARENT_ENV, TRIAL_ENV
 from pipeline.tracking.schema import TRUE, Artifact, Metric, Tag, sweep_outcome, sweep_runs
+from pipeline.tracking.stores import busy_timeout, prepared
 from pipeline.tracking.uri import check_store, redact, resolve_tracking_uri, sqlite_path
+from pipeline.tracking.views import ensure_experiment
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +64,12 @@ def trial_callbacks(cfg: DictConfig) -> list[L.Callback]:
     return [OptunaPruning(trial)] if trial is not None else []
 
 
+def trial_trainer_kwargs() -> dict[str, Any]:
+    """Trainer settings a sweep worker overrides: its output goes to a log file, and the
+    coordinator draws the study's progress, so no per-trial progress bar."""
+    return {"enable_progress_bar": False} if is_worker() else {}
+
+
 # -- around the sweep: the MLflow parent run ----------------------------------------------------
 
 
@@ -73,12 +84,14 @@ class MLflowSweepCallback(HydraCallback):
         self._client: Any = None
         self.config: DictConfig | None = None
         self.parent_id: str | None = None
+        self.joined = False  # a worker process, in its coordinator's parent run
 
     @property
     def client(self) -> Any:
         from mlflow import MlflowClient
 
         if self._client is None:  # opening the store creates it: only once a job starts
+            busy_timeout()  # before the client opens its first connection
             self._client = MlflowClient(self.uri)
         return self._client
 
@@ -86,34 +99,41 @@ class MLflowSweepCallback(HydraCallback):
         self.uri = resolve_tracking_uri(OmegaConf.select(config, "tracking.uri"))
         check_store(self.uri, "MLflow store")  # before any point is checked or launched
         self.config = config
+        if is_worker() and os.environ.get(PARENT_ENV):  # a worker process: its coordinator's run
+            self.parent_id, self.joined = os.environ[PARENT_ENV], True
+            return
+        before_workers(self._ensure_parent)  # a coordinator's workers join the parent run
+
+    def _ensure_parent(self) -> None:
+        if self.uri is not None and self.parent_id is None:
+            self._start_parent()
 
     def _start_parent(self) -> None:
         """Create the sweep's parent run, or resume the one of the same Optuna study."""
         config = self.config
-        assert config is not None
+        assert config is not None and self.uri is not None
         study = str(config.study)
-        exp = self.client.get_experiment_by_name(study)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(study)
-        key = _optuna_study_key(config)
-        tags = {
-            Tag.SWEEP: TRUE,
-            Tag.STUDY: study,
-            Tag.SWEEPER: "optuna" if key else "basic",
-            Tag.WORKER: worker(),
-            Tag.RUN_NAME: f"sweep-{study}",
-        }
-        parent = self._find_parent(exp_id, key) if key else None
-        if parent is None:
-            self.parent_id = self.client.create_run(
-                exp_id, run_name=f"sweep-{study}", tags={**tags, **({Tag.OPTUNA_STUDY: key} if key else {})}
-            ).info.run_id
-        else:  # the same Optuna study again: resume its parent run
-            self.parent_id = parent.info.run_id
-            if worker_dead(parent.data.tags.get(Tag.WORKER, "")):
-                self._kill_orphans(exp_id)
-            self.client.update_run(self.parent_id, status="RUNNING")
-            self.client.set_tag(self.parent_id, Tag.WORKER, worker())
-            log.info("resuming sweep parent run %s", self.parent_id)
+        with prepared(self.uri):  # migrated once; two sweeps starting together find one parent
+            exp_id = ensure_experiment(self.client, study)
+            key = _optuna_study_key(config)
+            tags = {
+                Tag.SWEEP: TRUE,
+                Tag.STUDY: study,
+                Tag.SWEEPER: "optuna" if key else "basic",
+                Tag.WORKER: worker(),
+                Tag.RUN_NAME: f"sweep-{study}",
+            }
+            parent = self._find_parent(exp_id, key) if key else None
+            if parent is None:
+                self.parent_id = self.client.create_run(
+                    exp_id, run_name=f"sweep-{study}", tags={**tags, **({Tag.OPTUNA_STUDY: key} if key else {})}
+                ).info.run_id
+            else:  # the same Optuna study again: resume its parent run
+                self.parent_id = parent.info.run_id
+                self._kill_orphans(exp_id, parent_dead=worker_dead(parent.data.tags.get(Tag.WORKER, "")))
+                self.client.update_run(self.parent_id, status="RUNNING")
+                self.client.set_tag(self.parent_id, Tag.WORKER, worker())
+                log.info("resuming sweep parent run %s", self.parent_id)
         os.environ[PARENT_ENV] = self.parent_id
         atexit.register(self._close_at_exit)  # a sweep that raises never reaches on_multirun_end
 
@@ -126,7 +146,7 @@ class MLflowSweepCallback(HydraCallback):
         os.environ[TRIAL_ENV] = str(trial.number if trial is not None else config.hydra.job.num)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if self.uri is None:
+        if self.uri is None or self.joined:
             return
         if self.parent_id is None:  # nothing launched this time: update a resumed sweep's parent only
             key = _optuna_study_key(config)
@@ -148,6 +168,11 @@ class MLflowSweepCallback(HydraCallback):
         out.mkdir(parents=True, exist_ok=True)
         (out / Artifact.SWEEP_SUMMARY_TXT).write_text(summary["table"] + "\n")
         print(summary["table"])
+        still = (summary["optuna"] or {}).get("running", 0)
+        if still:  # another command's workers are on the study: the last one to end closes it
+            log.info("%d trials are still running in other workers; the sweep run stays open", still)
+            self.parent_id = None
+            return
         self._close("FINISHED")
 
     # -- helpers --------------------------------------------------------------------------------
@@ -167,10 +192,12 @@ class MLflowSweepCallback(HydraCallback):
             [exp_id], filter_string=f"tags.{Tag.PARENT_RUN_ID} = '{self.parent_id}'", max_results=10000
         )
 
-    def _kill_orphans(self, exp_id: str) -> None:
-        """Child runs left RUNNING by a process that died (SIGKILL, power loss) end KILLED."""
+    def _kill_orphans(self, exp_id: str, parent_dead: bool) -> None:
+        """Child runs left RUNNING by a process that died (SIGKILL, power loss) end KILLED: those
+        whose worker (tag host:pid) is gone, and those without the tag when the sweep's was."""
         for run in self._children(exp_id):
-            if run.info.status == "RUNNING":
+            owner = run.data.tags.get(Tag.WORKER)
+            if run.info.status == "RUNNING" and (worker_dead(owner) if owner else parent_dead):
                 self.client.set_tag(run.info.run_id, Tag.FAILURE_REASON, "interrupted: the sweep process died")
                 self.client.set_terminated(run.info.run_id, status="KILLED")
                 log.warning("child run %s was left RUNNING by a dead sweep: marked KILLED", run.info.run_id)

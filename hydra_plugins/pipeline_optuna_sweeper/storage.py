@@ -1,0 +1,128 @@
+"""The Optuna storage that several worker processes share.
+
+SQLite, the default, needs three things for that (https://www.sqlite.org/wal.html,
+https://www.sqlite.org/lang_transaction.html):
+- the WAL journal, so readers never block the writer;
+- a busy timeout, so a writer waits for the lock instead of failing with "database is locked";
+- BEGIN IMMEDIATE, so a transaction takes the write lock before it reads. Optuna claims a
+  WAITING trial by reading its state and updating it in one transaction, relying on
+  SELECT ... FOR UPDATE, which SQLite ignores: with deferred transactions two workers can
+  both read WAITING and both take the trial.
+Tables are created (and Optuna's schema checked) under a file lock next to the database, so
+workers that start together on a fresh file do not race.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import optuna
+from optuna.storages import BaseStorage, RDBStorage
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL = "sqlite:///optuna.db"
+BUSY_TIMEOUT_S = 60.0  # a writer waits this long for the lock (pysqlite's `timeout`)
+LOCK_TIMEOUT_S = 300.0  # creating or migrating a store holds the file lock this long at most
+T = TypeVar("T")
+
+
+def resolve_storage(storage: str | None) -> str:
+    """The storage URL; a relative SQLite path is made absolute against the working directory
+    at launch, so jobs that chdir (hydra.job.chdir=true) and worker processes reach the same file."""
+    url = storage or DEFAULT_URL
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url[len(prefix) :].startswith("/") and url[len(prefix) :] != ":memory:":
+        url = prefix + os.path.abspath(url[len(prefix) :])
+    return url
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a sqlite:/// URL; None for other databases and in-memory SQLite."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or url[len(prefix) :] in ("", ":memory:"):
+        return None
+    return Path(url[len(prefix) :].split("?", 1)[0])
+
+
+@contextmanager
+def store_lock(url: str) -> Iterator[None]:
+    """Hold an inter-process lock on a SQLite store (`<file>.lock`); a no-op for other URLs,
+    whose servers serialize schema changes themselves."""
+    path = sqlite_path(url)
+    if path is None:
+        yield
+        return
+    from filelock import FileLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{path}.lock", timeout=LOCK_TIMEOUT_S):
+        yield
+
+
+_OPEN: dict[str, BaseStorage] = {}
+
+
+def open_storage(storage: str | None) -> BaseStorage:
+    """The storage for a URL, opened once per process; SQLite tuned for concurrent workers.
+    A SQLite file that is corrupt, empty or cannot be created is refused in one line naming it
+    (never silently replaced by a new study)."""
+    from pipeline.errors import one_line
+    from pipeline.tracking.uri import StoreError, check_store, redact
+
+    url = resolve_storage(storage)
+    if url in _OPEN:
+        return _OPEN[url]
+    check_store(url, "Optuna storage")
+    try:
+        if sqlite_path(url) is None:
+            opened: BaseStorage = RDBStorage(url)
+        else:
+            with store_lock(url):
+                rdb = RDBStorage(url, engine_kwargs={"connect_args": {"timeout": BUSY_TIMEOUT_S}})
+                with rdb.engine.connect() as con:  # persistent: set once per file
+                    con.exec_driver_sql("PRAGMA journal_mode=WAL")
+            serialize_transactions(rdb.engine)
+            opened = rdb
+    except Exception as e:  # a server that refuses, a schema from another Optuna version
+        raise StoreError(f"Optuna storage {redact(url)} cannot be opened: {one_line(e).splitlines()[0]}") from e
+    _OPEN[url] = opened
+    return opened
+
+
+def serialize_transactions(engine: Engine) -> None:
+    """Every transaction on this SQLite engine starts with BEGIN IMMEDIATE (SQLAlchemy's recipe
+    for pysqlite: the driver's own implicit BEGIN is turned off)."""
+
+    @event.listens_for(engine, "connect")
+    def _no_driver_begin(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened before the hooks are not reused
+
+
+def retrying(fn: Callable[[], T], what: str, attempts: int = 5) -> T:
+    """Call `fn`, retrying a few times with backoff when the database was locked past the busy
+    timeout (a long write elsewhere); other errors go through."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except optuna.exceptions.StorageInternalError as e:
+            if "locked" not in str(e.__cause__ or e) or attempt == attempts - 1:
+                raise
+            delay = 0.5 * 2**attempt
+            log.warning("%s: the database is locked; retrying in %.1f s", what, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")

@@ -52,8 +52,8 @@ ablate: $(STAMP) ## Run a study: make ablate [STUDY=full_grid] [WORKERS=auto|N] 
 report: $(STAMP) ## Rebuild a study's comparison report from MLflow: make report STUDY=name
 	$(BIN)/python -m pipeline.report --study $(STUDY)
 
-ui: $(STAMP) ## MLflow UI on 127.0.0.1:$(PORT) over the same store; prints each study's runs-table address
-	$(BIN)/python -m pipeline.ui --host 127.0.0.1 --port $(PORT)
+ui: $(STAMP) ## MLflow UI on 127.0.0.1:$(PORT) (HOST=... to share it) over the same store (honours MLFLOW_TRACKING_URI); prints each study's runs-table address
+	$(BIN)/python -m pipeline.ui --host $(HOST) --port $(PORT)
 
 server: $(STAMP) ## MLflow tracking server: make server [HOST=127.0.0.1] [PORT=5000] [BACKEND=sqlite:///mlflow.db|postgresql+psycopg2://...] [ARTIFACTS=mlartifacts]
 	@# Bound to 127.0.0.1 unless HOST= says otherwise; beyond this machine also pass

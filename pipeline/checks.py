@@ -2,6 +2,7 @@
 
     check_keys("data", given, DataConfig, DataConfigError)   # unknown keys, with a did-you-mean
     check_choices("model.attention", cfg, ConfigError)        # fields typed Literal[...]
+    check_types("eval", given, EvalConfig, RunConfigError)    # values of the fields' types
 
 Each config (model, its components, data, eval, optimizer) calls these instead of writing its own.
 """
@@ -66,3 +67,43 @@ def _literal_values(hint: Any) -> tuple[Any, ...]:
             values = tuple(v for lit in literals for v in typing.get_args(lit))
             return values + ((None,) if type(None) in args else ())
     return ()
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a config value fits a dataclass field's annotation (int for float is fine, a bool
+    is not a number); unknown annotations accept anything."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and len(value) == len(args) and all(map(_matches, value, args))
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, dict)
+    return True
+
+
+def check_types(node: str, values: dict[str, Any], cls: type, error: type[Exception] = ValueError) -> None:
+    """Every given value of `node` has its field's type (nested dataclass nodes too), so a wrong
+    type is one clear line here, not a TypeError from a comparison later."""
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        hint = hints.get(key)
+        if hint is None:
+            continue  # unknown keys: the config's own from_dict names them
+        if not _matches(value, hint):
+            shown = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+            raise error(f"{node}.{key}={value!r} has the wrong type; use {shown}")
+        if dataclasses.is_dataclass(hint):
+            check_types(f"{node}.{key}", value, hint, error)

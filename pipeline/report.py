@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 from pipeline.analysis.report import build_report
 from pipeline.analysis.study import StudyError
+from pipeline.names import BadName, check_name
+from pipeline.tracking.uri import StoreError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -35,8 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         k, v = item.split("=", 1)
         reference[k] = v
     try:
+        check_name("--study", args.study)  # reports/<study>/ is a folder: no '/', no '..'
         rep = build_report(args.study, args.tracking_uri, args.out, reference, args.optuna_storage, not args.no_log)
-    except StudyError as e:
+    except (StudyError, BadName, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(

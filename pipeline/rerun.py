@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.run.runner import run
     from pipeline.tracking import resolve_tracking_uri
     from pipeline.tracking.schema import Artifact, Tag
+    from pipeline.tracking.uri import StoreError, check_store, redact, sqlite_path
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-"):
@@ -59,12 +60,20 @@ def main(argv: list[str] | None = None) -> int:
     # ./mlflow.db. The rerun is logged to that same store, beside its original.
     given = [o.partition("=")[2] for o in overrides if o.startswith("tracking.uri=")]
     uri = resolve_tracking_uri(given[-1] if given else None)
+    path = sqlite_path(uri)
+    try:
+        check_store(uri, "MLflow store")
+        if path is not None and not path.exists():  # reading must not create an empty store
+            raise StoreError(f"no MLflow store at {path}; run from the folder holding mlflow.db, or set tracking.uri")
+    except StoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         client = MlflowClient(uri)
         with tempfile.TemporaryDirectory() as tmp:
             cfg = OmegaConf.load(client.download_artifacts(run_id, Artifact.CONFIG, tmp))
     except MlflowException as e:
-        print(f"error: cannot read run {run_id} in {uri}: {e.message.splitlines()[0]}", file=sys.stderr)
+        print(f"error: cannot read run {run_id} in {redact(uri)}: {e.message.splitlines()[0]}", file=sys.stderr)
         return 2
     OmegaConf.set_struct(cfg, True)
     try:

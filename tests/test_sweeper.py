@@ -236,7 +236,8 @@ def test_tpe_per_value_runs_one_study_each(tmp_path):
 
 def _count(db: Path, state: str) -> int:
     try:
-        with sqlite3.connect(db, timeout=1) as con:
+        # Read-only: a plain connect would create an empty file, which the sweep then refuses.
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
             return con.execute("SELECT count(*) FROM trials WHERE state = ?", (state,)).fetchone()[0]
     except sqlite3.Error:  # not created yet
         return 0

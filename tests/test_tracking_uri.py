@@ -54,11 +54,16 @@ def test_sweep_callback_opens_its_parent_run_in_the_resolved_store(stores, monke
         {
             "study": "uri",
             "tracking": {"uri": given(source, stores, monkeypatch)},
-            "hydra": {"sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"}},
+            "hydra": {
+                "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"},
+                "job": {"num": 0},
+            },
         }
     )
     callback = MLflowSweepCallback()
     callback.on_multirun_start(config)
+    assert callback.parent_id is None  # no run until a job starts (a sweep may launch nothing)
+    callback.on_job_start(config)
     parent_id = callback.parent_id
     callback._close("FINISHED")
     parent = MlflowClient(stores[source]).get_run(parent_id)

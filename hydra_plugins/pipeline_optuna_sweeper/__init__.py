@@ -2,8 +2,9 @@
 over Hydra's override grammar, a persistent study that resumes, pruning, and failed or invalid
 trials that do not stop the sweep. See docs/sweeps.md."""
 
-from . import config  # noqa: F401  (registers hydra/sweeper=optuna)
-from .sweeper import SweepFailedError, current_trial, last_summary
+from . import checked_basic, config  # noqa: F401  (register hydra/sweeper=checked_basic and =optuna)
+from ._errors import SweepFailedError
+from .sweeper import current_trial, last_summary
 from .workers import is_worker
 
 __all__ = ["SweepFailedError", "current_trial", "is_worker", "last_summary"]

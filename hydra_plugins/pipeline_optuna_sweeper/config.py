@@ -57,8 +57,10 @@ class OptunaSweeperConf:
     per: list[str] = field(default_factory=list)
 
     # Dotted path to `fn(cfg: DictConfig) -> None` that raises for a config that cannot run;
-    # such a trial is skipped (told FAIL with a `skipped` reason) before the job launches.
-    validate: Optional[str] = None
+    # such a trial is skipped (told FAIL with a `skipped` reason) before the job launches, and a
+    # grid whose every point is invalid launches nothing. Default: the pipeline's own check, so
+    # every sweep of `pipeline.train` is validated; another app sets its own (or null).
+    validate: Optional[str] = "pipeline.run.spec.validate_config"
     # Also retry FAIL trials (not just interrupted ones) when the command is rerun.
     retry_failed: bool = False
 

@@ -27,11 +27,11 @@ from optuna.distributions import (
 )
 from optuna.trial import Trial
 
+from ._errors import InvalidSweepError, SearchSpaceError
+
+__all__ = ["InvalidSweepError", "SearchSpaceError", "SearchSpace", "Dimension", "parse"]
+
 Value = Any  # str | int | float | bool | None
-
-
-class SearchSpaceError(ValueError):
-    """An override that this sweeper cannot turn into a search dimension."""
 
 
 @dataclass

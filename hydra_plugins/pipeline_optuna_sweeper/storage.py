@@ -72,19 +72,28 @@ _OPEN: dict[str, BaseStorage] = {}
 
 
 def open_storage(storage: str | None) -> BaseStorage:
-    """The storage for a URL, opened once per process; SQLite tuned for concurrent workers."""
+    """The storage for a URL, opened once per process; SQLite tuned for concurrent workers.
+    A SQLite file that is corrupt, empty or cannot be created is refused in one line naming it
+    (never silently replaced by a new study)."""
+    from pipeline.errors import one_line
+    from pipeline.tracking.uri import StoreError, check_store, redact
+
     url = resolve_storage(storage)
     if url in _OPEN:
         return _OPEN[url]
-    if sqlite_path(url) is None:
-        opened: BaseStorage = RDBStorage(url)
-    else:
-        with store_lock(url):
-            rdb = RDBStorage(url, engine_kwargs={"connect_args": {"timeout": BUSY_TIMEOUT_S}})
-            with rdb.engine.connect() as con:  # persistent: set once per file
-                con.exec_driver_sql("PRAGMA journal_mode=WAL")
-        serialize_transactions(rdb.engine)
-        opened = rdb
+    check_store(url, "Optuna storage")
+    try:
+        if sqlite_path(url) is None:
+            opened: BaseStorage = RDBStorage(url)
+        else:
+            with store_lock(url):
+                rdb = RDBStorage(url, engine_kwargs={"connect_args": {"timeout": BUSY_TIMEOUT_S}})
+                with rdb.engine.connect() as con:  # persistent: set once per file
+                    con.exec_driver_sql("PRAGMA journal_mode=WAL")
+            serialize_transactions(rdb.engine)
+            opened = rdb
+    except Exception as e:  # a server that refuses, a schema from another Optuna version
+        raise StoreError(f"Optuna storage {redact(url)} cannot be opened: {one_line(e).splitlines()[0]}") from e
     _OPEN[url] = opened
     return opened
 

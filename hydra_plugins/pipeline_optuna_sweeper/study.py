@@ -29,7 +29,7 @@ from optuna.pruners import BasePruner
 from optuna.samplers import BaseSampler, GridSampler
 from optuna.trial import FrozenTrial, Trial, TrialState, create_trial
 
-from .search_space import SearchSpace
+from .search_space import SearchSpace, SearchSpaceError
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def _by_name(module: Any, name: str, base: type, field: str, short: list[str]) -
             for n in dir(module)
             if isinstance(getattr(module, n), type) and issubclass(getattr(module, n), base) and n != base.__name__
         )
-        raise ValueError(
+        raise SearchSpaceError(
             f"hydra.sweeper.{field}={name!r} is not known; valid: {short} or a class of {module.__name__}: {classes}"
         )
     return cls

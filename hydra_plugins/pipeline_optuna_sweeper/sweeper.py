@@ -12,8 +12,10 @@ import itertools
 import json
 import logging
 import math
+import shlex
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,16 +24,17 @@ import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.core.utils import JobReturn, JobStatus
-from hydra.errors import HydraException
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.trial import Trial, TrialState
 
-from . import search_space
+from . import _hooks, search_space
 from . import study as study_lib
 from . import workers as workers_lib
+from ._errors import InvalidSweepError, SearchSpaceError, SweepFailedError
+from ._interrupt import Interrupted, interruptible
 from .search_space import SearchSpace
 from .storage import open_storage, resolve_storage, retrying, store_lock
 
@@ -68,10 +71,6 @@ class _Study:
     is_grid: bool
 
 
-class SweepFailedError(HydraException):
-    """Raised at the end of a sweep in which trials failed, so the exit code is non-zero."""
-
-
 class OptunaSweeper(Sweeper):
     def __init__(
         self,
@@ -100,12 +99,12 @@ class OptunaSweeper(Sweeper):
         self.sampler_kwargs = dict(sampler_kwargs or {})
         self.pruner_name, self.pruner_kwargs = pruner, dict(pruner_kwargs or {})
         if direction not in ("minimize", "maximize"):
-            raise ValueError(f"hydra.sweeper.direction={direction!r}; valid: minimize, maximize")
+            raise SearchSpaceError(f"hydra.sweeper.direction={direction!r}; valid: minimize, maximize")
         self.direction = direction
         if n_trials is not None and n_trials < 1:
-            raise ValueError(f"hydra.sweeper.n_trials={n_trials}; must be >= 1 (or null)")
+            raise SearchSpaceError(f"hydra.sweeper.n_trials={n_trials}; must be >= 1 (or null)")
         if n_jobs < 1:
-            raise ValueError(f"hydra.sweeper.n_jobs={n_jobs}; must be >= 1")
+            raise SearchSpaceError(f"hydra.sweeper.n_jobs={n_jobs}; must be >= 1")
         self.n_trials, self.n_jobs = n_trials, n_jobs
         self.storage, self.study_name = storage, study_name
         self.validate: Callable[[DictConfig], None] | None = get_method(validate) if validate else None
@@ -114,7 +113,7 @@ class OptunaSweeper(Sweeper):
         self.workers = workers_lib.check_setting("workers", workers)
         self.threads_per_worker = workers_lib.check_setting("threads_per_worker", threads_per_worker)
         if slots_per_gpu < 1:
-            raise ValueError(f"hydra.sweeper.slots_per_gpu={slots_per_gpu}; must be >= 1")
+            raise SearchSpaceError(f"hydra.sweeper.slots_per_gpu={slots_per_gpu}; must be >= 1")
         self.slots_per_gpu = slots_per_gpu
         self.calibrate: Callable[[DictConfig, int], tuple[int, int]] | None = (
             get_method(calibrate) if calibrate else None
@@ -122,6 +121,7 @@ class OptunaSweeper(Sweeper):
         self.hydra_context: HydraContext | None = None
         self.config: DictConfig | None = None
         self.launcher = None
+        self._checked: dict[tuple[str, ...], str | None] = {}  # overrides -> why invalid (None: valid)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         from hydra.core.plugins import Plugins
@@ -140,19 +140,34 @@ class OptunaSweeper(Sweeper):
         space = search_space.parse([f"{k}={v}" for k, v in self.params.items()] + arguments, parser)
         sweep_dir = Path(self.config.hydra.sweep.dir).absolute()
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        if not workers_lib.is_worker():
-            OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        worker = workers_lib.is_worker()
+        if not worker:
+            saved = copy.deepcopy(self.config)
+            if saved.hydra.sweeper.get("storage"):  # the sweep's record never shows a password
+                saved.hydra.sweeper.storage = _shown(saved.hydra.sweeper.storage)
+            for kind in ("hydra", "task"):  # ... nor do the overrides it records
+                saved.hydra.overrides[kind] = [_shown_override(o) for o in saved.hydra.overrides[kind]]
+            OmegaConf.save(saved, sweep_dir / "multirun.yaml")
 
-        opened = [self._open(name, sub) for name, sub in self._studies(space)]
-        if workers_lib.is_worker():
-            for s in opened:
-                self._work(s, progress=None)
-            return {}  # the coordinator reports the study
-        if self.workers:
-            self._coordinate(opened, sweep_dir)
-        else:
-            for s in opened:
-                self._work(s, _Progress(s.target))
+        studies = self._studies(space)
+        if not worker:
+            self._refuse_if_all_invalid(studies)
+        try:
+            with interruptible():
+                opened = [self._open(name, sub) for name, sub in studies]
+                if worker:
+                    for s in opened:
+                        self._work(s, progress=None)
+                    return {}  # the coordinator reports the study
+                if self.workers:
+                    self._coordinate(opened, sweep_dir)
+                else:
+                    for s in opened:
+                        self._work(s, _Progress(s.target))
+        except Interrupted as e:
+            if not worker:
+                self._say_how_to_resume(e)
+            raise
         summary = merge_summaries(self.resolve_study_name(), [self.summary(s.study, s.target) for s in opened])
         global _LAST_SUMMARY
         _LAST_SUMMARY = summary
@@ -160,20 +175,55 @@ class OptunaSweeper(Sweeper):
         log.info("\n%s", format_summary(summary))
         counts = summary["counts"]
         launched = counts["complete"] + counts["pruned"] + counts["failed"]
-        if counts["failed"] or (counts["skipped"] and not launched):
+        if counts["skipped"] and not launched:
+            # Every point skipped is a broken sweep (a typo in an override), not a result.
+            first = next(t for t in summary["trials"] if t["outcome"] == "skipped")
+            raise InvalidSweepError(
+                f"all {counts['skipped']} points were skipped as invalid, nothing was launched; "
+                f"trial {first['number']}: {first['reason']}"
+            )
+        if counts["failed"]:
             # Hydra calls on_multirun_end only when the sweep returns; the callbacks (e.g. the
             # MLflow parent run) must still see the end of a sweep that ends in an error.
             self.hydra_context.callbacks.on_multirun_end(config=self.config)
-            if counts["failed"]:
-                raise SweepFailedError(
-                    f"{counts['failed']} of {summary['n_trials']} trials failed "
-                    f"(reasons in the log above and in the trials' user attribute fail_reason)"
-                )
-            # Every point skipped is a broken sweep (a typo in an override), not a result.
             raise SweepFailedError(
-                f"all {counts['skipped']} points were skipped as invalid, nothing ran (reasons in the table above)"
+                f"{counts['failed']} of {summary['n_trials']} trials failed "
+                f"(reasons in the log above and in the trials' user attribute fail_reason)"
             )
         return summary
+
+    def _refuse_if_all_invalid(self, studies: list[tuple[str, SearchSpace]]) -> None:
+        """A grid whose every point is invalid is a broken command (a typo in an override):
+        refuse it before any study, trial or run exists. A space with intervals cannot be
+        listed; its points are checked one by one as they are asked (`_ask`)."""
+        n, first = 0, None
+        for _, space in studies:
+            if not space.is_discrete:
+                return
+            grid = space.grid()
+            for values in itertools.product(*grid.values()):
+                overrides = space.overrides(dict(zip(grid, values)))
+                reason = self._invalid(overrides)
+                if reason is None:
+                    return
+                n, first = n + 1, first or (overrides, reason)
+        assert first is not None
+        raise InvalidSweepError(
+            f"all {n} points were skipped as invalid, nothing was launched; {' '.join(first[0])}: {first[1]}"
+        )
+
+    def _say_how_to_resume(self, e: Interrupted) -> None:
+        """One line: what stopped the sweep, what is kept, and the command that resumes it."""
+        from pipeline.tracking.uri import redact
+
+        command = shlex.join(getattr(sys, "orig_argv", sys.argv))
+        print(
+            f"sweep {self.resolve_study_name()!r} stopped by {e}: finished trials are kept in "
+            f"{redact(resolve_storage(self.storage))} and the interrupted ones run again when you "
+            f"resume with: {command}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def _studies(self, space: SearchSpace) -> list[tuple[str, SearchSpace]]:
         """One (study name, search space) per combination of the `per` dimensions."""
@@ -181,11 +231,11 @@ class OptunaSweeper(Sweeper):
         per = [d for d in space.dimensions if d.name in self.per]
         missing = sorted(set(self.per) - {d.name for d in per})
         if missing:
-            raise ValueError(
+            raise SearchSpaceError(
                 f"hydra.sweeper.per names {missing}, which are not swept; swept: {[d.name for d in space.dimensions]}"
             )
         if any(d.grid is None for d in per):
-            raise ValueError("hydra.sweeper.per needs discrete dimensions (choice, range, a,b)")
+            raise SearchSpaceError("hydra.sweeper.per needs discrete dimensions (choice, range, a,b)")
         inner = [d for d in space.dimensions if d.name not in self.per]
         out = []
         for values in itertools.product(*(d.grid for d in per)):
@@ -222,7 +272,7 @@ class OptunaSweeper(Sweeper):
         log.info(
             "Optuna study %r (%s): %s, %d trials, dimensions: %s",
             study.study_name,
-            resolve_storage(self.storage),
+            _shown(self.storage),
             type(sampler).__name__,
             target,
             ", ".join(d.name for d in space.dimensions) or "-",
@@ -254,6 +304,7 @@ class OptunaSweeper(Sweeper):
         total = sum(s.target for s in opened)
         progress = workers_lib.Progress(self.resolve_study_name(), total, len(slots))
         studies = [s.study for s in opened]
+        _hooks.starting_workers()  # e.g. the MLflow parent run, which the workers join
         running = [workers_lib.start(cmd, slot, log_dir) for slot in slots]
         crashed: list[str] = []
         try:
@@ -323,28 +374,14 @@ class OptunaSweeper(Sweeper):
 
     def _invalid(self, overrides: list[str]) -> str | None:
         """Why this trial's config cannot run, found without launching it; None if it can."""
-        assert self.config is not None and self.hydra_context is not None
-        try:
-            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-        except Exception as e:  # e.g. a config-group option that does not exist
-            return f"config does not compose: {e}"
-        if self.validate is None:
-            return None
-        from hydra.core.hydra_config import HydraConfig
+        key = tuple(overrides)
+        if key not in self._checked:
+            self._checked[key] = self._check(overrides)
+        return self._checked[key]
 
-        # As in a job (hydra.core.utils.run_job): ${hydra:...} resolves against this trial.
-        saved = HydraConfig.instance().cfg
-        HydraConfig.instance().set_config(cfg)
-        task_cfg = copy.deepcopy(cfg)
-        with open_dict(task_cfg):
-            del task_cfg["hydra"]
-        try:
-            self.validate(task_cfg)
-        except Exception as e:
-            return f"{type(e).__name__}: {e}"
-        finally:
-            HydraConfig.instance().cfg = saved
-        return None
+    def _check(self, overrides: list[str]) -> str | None:
+        assert self.config is not None and self.hydra_context is not None
+        return check_point(self.hydra_context.config_loader, self.config, overrides, self.validate)
 
     def _run(self, study: optuna.Study, batch: list[tuple[Trial, list[str]]], progress: _Progress | None) -> None:
         assert self.launcher is not None
@@ -373,8 +410,10 @@ class OptunaSweeper(Sweeper):
             # next run retries them.
             for trial, _ in batch:
                 if trial.number not in told:
+                    why = str(e) if isinstance(e, Interrupted) else f"{type(e).__name__}: {e}"
+                    reason = f"interrupted: {why}"
                     trial.set_user_attr("interrupted", True)
-                    trial.set_user_attr("fail_reason", f"interrupted: {type(e).__name__}: {e}"[:1000])
+                    trial.set_user_attr("fail_reason", reason[:1000])
                     study.tell(trial, state=TrialState.FAIL)
             raise
         finally:
@@ -424,7 +463,7 @@ class OptunaSweeper(Sweeper):
             best = {"number": b.number, "value": b.value, "params": b.params}
         return {
             "study": study.study_name,
-            "storage": resolve_storage(self.storage),
+            "storage": _shown(self.storage),
             "direction": self.direction,
             "n_trials": target,
             "counts": counts,
@@ -468,6 +507,55 @@ def _compose_once(loader: Any) -> None:
 
 def _n_waiting(studies: list[optuna.Study]) -> int:
     return sum(len(s.get_trials(deepcopy=False, states=(TrialState.WAITING,))) for s in studies)
+
+
+def check_point(
+    config_loader: Any, config: DictConfig, overrides: Sequence[str], validate: Callable[[DictConfig], None] | None
+) -> str | None:
+    """Why the job `overrides` would run cannot run, found without launching it; None if it can:
+    its config must compose, and `validate` (when given) must accept it."""
+    try:
+        cfg = config_loader.load_sweep_config(config, list(overrides))
+    except Exception as e:  # e.g. a config-group option that does not exist
+        return f"config does not compose: {_one_line(e)}"
+    if validate is None:
+        return None
+    from hydra.core.hydra_config import HydraConfig
+
+    # As in a job (hydra.core.utils.run_job): ${hydra:...} resolves against this point.
+    saved = HydraConfig.instance().cfg
+    HydraConfig.instance().set_config(cfg)
+    task_cfg = copy.deepcopy(cfg)
+    with open_dict(task_cfg):
+        del task_cfg["hydra"]
+    try:
+        validate(task_cfg)
+    except Exception as e:
+        return f"{type(e).__name__}: {_one_line(e)}"
+    finally:
+        HydraConfig.instance().cfg = saved
+    return None
+
+
+def _shown(storage: str | None) -> str:
+    """The storage URL as logs and summaries show it: its password hidden."""
+    from pipeline.tracking.uri import redact
+
+    return redact(resolve_storage(storage))
+
+
+def _shown_override(override: str) -> str:
+    from pipeline.tracking.uri import redact
+
+    key, sep, value = override.partition("=")
+    return f"{key}{sep}{redact(value)}" if sep else override
+
+
+def _one_line(e: BaseException) -> str:
+    """Hydra's multi-line messages (option lists, search paths) as one line, for a trial's reason."""
+    from pipeline.errors import one_line
+
+    return one_line(e)
 
 
 def _n_counted(study: optuna.Study) -> int:

@@ -60,6 +60,7 @@ from pipeline.analysis.study import (
 )
 from pipeline.analysis.summary import description, summary
 from pipeline.tracking.schema import TRUE, Artifact, Tag
+from pipeline.tracking.uri import redact
 
 __all__ = ["Report", "build_report", "optuna_importances", "optuna_studies", "report_run"]
 
@@ -117,7 +118,7 @@ def build_report(
     from mlflow.tracking import MlflowClient
 
     from pipeline.tracking import views
-    from pipeline.tracking.uri import resolve_tracking_uri
+    from pipeline.tracking.uri import check_store, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)  # explicit > MLFLOW_TRACKING_URI > ./mlflow.db
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
@@ -125,8 +126,9 @@ def build_report(
             f"no MLflow store at {uri}; run a study first (make ablate) or pass "
             "--tracking-uri / set MLFLOW_TRACKING_URI"
         )
+    check_store(uri, "MLflow store")
     client = MlflowClient(tracking_uri=uri)
-    study = load_study(client, study_name, uri)
+    study = load_study(client, study_name, redact(uri))  # the report shows the URI: no password
     # The Optuna study: the one the sweep recorded on its parent run ("<storage>#<name>"), else
     # the study's name in --optuna-storage / ./optuna.db.
     optuna_study = study_name

@@ -30,6 +30,7 @@ from pipeline.analysis.study import (
     Trial,
     level_of,
 )
+from pipeline.tracking.uri import redact
 
 COST_KEYS = (
     "cost/params_total",
@@ -758,7 +759,7 @@ def optuna_studies(storage: str, study: str) -> list[str]:
 
 def optuna_importances(storage: str, study: str) -> tuple[dict[str, float] | None, str]:
     if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///") :]).exists():
-        return None, f"no Optuna storage at `{storage}`"
+        return None, f"no Optuna storage at `{redact(storage)}`"
     try:
         import optuna
 
@@ -769,7 +770,7 @@ def optuna_importances(storage: str, study: str) -> tuple[dict[str, float] | Non
         fanova = optuna.importance.FanovaImportanceEvaluator(seed=0)
         return {k: float(v) for k, v in optuna.importance.get_param_importances(s, evaluator=fanova).items()}, ""
     except Exception as e:  # a missing study, a grid with one trial, a sampler without params
-        return None, f"Optuna study '{study}' in `{storage}`: {type(e).__name__}: {e}".rstrip(". ")
+        return None, f"Optuna study '{study}' in `{redact(storage)}`: {type(e).__name__}: {e}".rstrip(". ")
 
 
 def section_moe(doc: Doc, configs, out: Path) -> list[Path]:

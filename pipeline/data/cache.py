@@ -39,6 +39,7 @@ def _save(path: Path, splits: TokenSplits) -> None:
     """Write the splits to `path` atomically: a temp file in the same folder, then rename, so a
     concurrent reader sees either no file or the whole file."""
     meta = {k: getattr(splits, k) for k in META}
+    meta["sha256"] = {s: _digest(getattr(splits, s)) for s in SPLITS}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -49,10 +50,25 @@ def _save(path: Path, splits: TokenSplits) -> None:
         raise
 
 
+def _digest(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+class CorruptCache(ValueError):
+    """A cache file whose arrays do not match the checksums written with them."""
+
+
 def _load(path: Path) -> TokenSplits:
-    with np.load(path) as z:
+    with np.load(path, allow_pickle=False) as z:  # a cache file is data, never code
         meta = json.loads(str(z["meta"]))
-        return TokenSplits(train=z["train"], val=z["val"], test=z["test"], cache_hit=True, cache_path=path, **meta)
+        arrays = {s: z[s] for s in SPLITS}
+    expected = meta.pop("sha256", None)
+    if expected is None:
+        raise CorruptCache("no checksums (written by an older version)")
+    for name, a in arrays.items():
+        if _digest(a) != expected.get(name):
+            raise CorruptCache(f"the {name} split does not match its checksum")
+    return TokenSplits(**arrays, cache_hit=True, cache_path=path, **meta)
 
 
 def cached_meta(cfg: DataConfig, cache_dir: Path | None = None) -> dict[str, Any] | None:
@@ -75,8 +91,8 @@ def load_token_splits(cfg: DataConfig, cache_dir: Path | None = None) -> TokenSp
             splits = _load(path)
             log.info("data: token cache hit %s", path)
             return splits
-        except Exception as e:  # an unreadable file (older format, disk trouble): rebuild it
-            log.warning("data: token cache %s unreadable (%s); rebuilding", path, e)
+        except Exception as e:  # truncated, garbled, older format, disk trouble: never train on it
+            log.warning("data: token cache %s is unusable (%s); rebuilding it", path, e)
     root.mkdir(parents=True, exist_ok=True)
     splits = tokenize_and_split(cfg, root)
     _save(path, splits)

@@ -113,10 +113,18 @@ class TextFiles(Source):
     def load(self, cfg: DataConfig, cache_dir: Path) -> datasets.Dataset:
         import datasets
 
+        datasets.disable_progress_bars()  # a bar per load; the run logs what it read
         files = [str(Path(f).expanduser().resolve()) for f in cfg.files]
-        return datasets.load_dataset(
-            "text", data_files=files, sample_by=cfg.sample_by, split="train", cache_dir=str(cache_dir / "datasets")
-        )
+        try:
+            return datasets.load_dataset(
+                "text", data_files=files, sample_by=cfg.sample_by, split="train", cache_dir=str(cache_dir / "datasets")
+            )
+        except Exception as e:  # not UTF-8 text (a binary file), unreadable: name the cause
+            cause = e.__cause__ or e
+            raise DataConfigError(
+                f"data.files {list(cfg.files)} could not be read as UTF-8 text: {type(cause).__name__}: "
+                f"{str(cause).splitlines()[0] if str(cause) else ''}"
+            ) from e
 
 
 @register

@@ -20,6 +20,7 @@ from pipeline.data import LMDataModule
 from pipeline.evaluate.extrapolation import block_length
 from pipeline.run.spec import RunConfigError, RunSpec
 from pipeline.tracking.schema import Artifact, Metric, Param, Tag, floor_ngram
+from pipeline.tracking.uri import redact
 
 if TYPE_CHECKING:
     import torch
@@ -42,6 +43,10 @@ def run(
     import lightning as L
 
     from pipeline.tracking import resolve_tracking_uri, runs
+    from pipeline.tracking.uri import check_store
+
+    uri = resolve_tracking_uri(tracking_uri or cfg.tracking.uri)
+    check_store(uri, "MLflow store")  # before the data is read
 
     # Lightning's per-run banners (accelerator, tips) repeat 90 times in a sweep; keep warnings.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
@@ -132,6 +137,8 @@ def resolved_config(cfg: DictConfig, spec: RunSpec, model_cfg: ModelConfig) -> d
     resolved["model"] = {**model_cfg.to_dict(), "preset": spec.preset}
     resolved["trainer"]["val_check_interval"] = spec.val_check_interval  # the value used
     resolved["eval"] = eval_config(cfg, spec)
+    if (resolved.get("tracking") or {}).get("uri"):  # params and config.yaml never show a password
+        resolved["tracking"]["uri"] = redact(resolved["tracking"]["uri"])
     return resolved
 
 
@@ -146,7 +153,7 @@ def record_config(
     resolved = resolved_config(cfg, spec, model_cfg)
     runs.log_params(runs.flatten(resolved))
     mlflow.log_text(OmegaConf.to_yaml(OmegaConf.create(resolved)), Artifact.CONFIG)
-    mlflow.log_text("\n".join(overrides) + "\n", Artifact.OVERRIDES)
+    mlflow.log_text("\n".join(_redact_override(o) for o in overrides) + "\n", Artifact.OVERRIDES)
     mlflow.set_tag(Tag.CACHE_HIT, str(dm.splits.cache_hit).lower())
     # Per corpus, measured once and cached with the tokens: leakage and the n-gram floors.
     overlap = dm.splits.overlap
@@ -239,6 +246,11 @@ def record_loss_curves(uri: str, run_id: str, out_dir: Path) -> None:
     from pipeline.tracking.plots import plot_loss_curves
 
     mlflow.log_artifact(str(plot_loss_curves(uri, run_id, out_dir / "loss_curve.png")), Artifact.PLOTS)
+
+
+def _redact_override(override: str) -> str:
+    key, sep, value = override.partition("=")
+    return f"{key}{sep}{redact(value)}" if sep else override
 
 
 def _on_cuda(accelerator: str) -> bool:

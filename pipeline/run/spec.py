@@ -12,13 +12,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.checks import check_keys
+from pipeline.checks import check_keys, check_types
 from pipeline.data.cache import cached_meta
 from pipeline.data.config import DataConfig, DataConfigError
 from pipeline.evaluate import EvalConfig
 from pipeline.evaluate.extrapolation import check_factors
 from pipeline.model import ConfigError, ModelConfig
 from pipeline.model.components.ffn import MoEConfig
+from pipeline.names import BadName, check_name
 from pipeline.run.optim import OptimConfig
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ class RunConfigError(ValueError):
     """An invalid training, optimizer or evaluation setting."""
 
 
-INVALID_CONFIG = (ConfigError, DataConfigError, RunConfigError)
+INVALID_CONFIG = (ConfigError, DataConfigError, RunConfigError, BadName)
 
 
 @dataclass
@@ -78,6 +79,9 @@ def _require(key: str, value: Any, ok: bool, valid: str) -> None:
 def validate_config(cfg: DictConfig) -> RunSpec:
     """Turn the composed config into typed objects, raising a clear error; builds nothing."""
     c = OmegaConf.to_container(cfg, resolve=True)
+    check_name("study", c.get("study", "default"))
+    check_types("eval", c.get("eval") or {}, EvalConfig, RunConfigError)
+    check_types("optimizer", c.get("optimizer") or {}, OptimConfig, RunConfigError)
     model_cfg, preset = model_from_config(c)
     try:  # evaluation runs after training: its settings are checked now, not then
         eval_cfg = EvalConfig.from_dict(c.get("eval", {}))

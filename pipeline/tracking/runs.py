@@ -94,14 +94,19 @@ def tracked_run(
     uri: str, study: str, run_name: str, tags: dict[str, str], system_metrics: bool
 ) -> Iterator[mlflow.ActiveRun]:
     """A run whose end status follows the block: FINISHED when it returns, KILLED when pruned
-    or interrupted (Ctrl-C, SIGTERM via SystemExit), FAILED with the reason on any error."""
+    or interrupted (SIGINT, SIGTERM), FAILED with the reason on any error."""
     import optuna
+
+    from hydra_plugins.pipeline_optuna_sweeper._interrupt import Interrupted
 
     with start_run(uri, study, run_name, tags, system_metrics) as active:
         try:
             yield active
         except optuna.TrialPruned as e:
             end_run("KILLED", None, {Tag.PRUNED: TRUE, Tag.PRUNED_REASON: str(e) or "pruned"})
+            raise
+        except Interrupted as e:  # SIGINT or SIGTERM
+            end_run("KILLED", f"interrupted: {e}")
             raise
         except (KeyboardInterrupt, SystemExit) as e:
             end_run("KILLED", f"interrupted: {type(e).__name__}")

@@ -24,13 +24,15 @@ from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins.pipeline_optuna_sweeper import current_trial, is_worker, last_summary
+from hydra_plugins.pipeline_optuna_sweeper._hooks import before_workers
+from hydra_plugins.pipeline_optuna_sweeper._interrupt import received
 from hydra_plugins.pipeline_optuna_sweeper.storage import resolve_storage
 from hydra_plugins.pipeline_optuna_sweeper.study import worker, worker_dead
 from hydra_plugins.pipeline_optuna_sweeper.sweeper import format_summary
 from pipeline.tracking.runs import PARENT_ENV, TRIAL_ENV
 from pipeline.tracking.schema import TRUE, Artifact, Metric, Tag, sweep_outcome, sweep_runs
 from pipeline.tracking.stores import busy_timeout, prepared
-from pipeline.tracking.uri import resolve_tracking_uri
+from pipeline.tracking.uri import check_store, redact, resolve_tracking_uri, sqlite_path
 from pipeline.tracking.views import ensure_experiment
 
 log = logging.getLogger(__name__)
@@ -72,24 +74,46 @@ def trial_trainer_kwargs() -> dict[str, Any]:
 
 
 class MLflowSweepCallback(HydraCallback):
-    """Parent MLflow run of a Hydra multirun; its children are the jobs' training runs."""
+    """Parent MLflow run of a Hydra multirun; its children are the jobs' training runs.
+
+    The parent is created (or resumed) when the first job starts, so a sweep that launches
+    nothing (every point invalid) leaves no run behind."""
 
     def __init__(self) -> None:
-        self.client: Any = None
+        self.uri: str | None = None
+        self._client: Any = None
+        self.config: DictConfig | None = None
         self.parent_id: str | None = None
         self.joined = False  # a worker process, in its coordinator's parent run
 
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+    @property
+    def client(self) -> Any:
         from mlflow import MlflowClient
 
-        uri = resolve_tracking_uri(OmegaConf.select(config, "tracking.uri"))
-        busy_timeout()  # before the client opens its first connection
-        self.client = MlflowClient(uri)
+        if self._client is None:  # opening the store creates it: only once a job starts
+            busy_timeout()  # before the client opens its first connection
+            self._client = MlflowClient(self.uri)
+        return self._client
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.uri = resolve_tracking_uri(OmegaConf.select(config, "tracking.uri"))
+        check_store(self.uri, "MLflow store")  # before any point is checked or launched
+        self.config = config
         if is_worker() and os.environ.get(PARENT_ENV):  # a worker process: its coordinator's run
             self.parent_id, self.joined = os.environ[PARENT_ENV], True
             return
+        before_workers(self._ensure_parent)  # a coordinator's workers join the parent run
+
+    def _ensure_parent(self) -> None:
+        if self.uri is not None and self.parent_id is None:
+            self._start_parent()
+
+    def _start_parent(self) -> None:
+        """Create the sweep's parent run, or resume the one of the same Optuna study."""
+        config = self.config
+        assert config is not None and self.uri is not None
         study = str(config.study)
-        with prepared(uri):  # migrated once; two sweeps starting together find one parent
+        with prepared(self.uri):  # migrated once; two sweeps starting together find one parent
             exp_id = ensure_experiment(self.client, study)
             key = _optuna_study_key(config)
             tags = {
@@ -111,17 +135,27 @@ class MLflowSweepCallback(HydraCallback):
                 self.client.set_tag(self.parent_id, Tag.WORKER, worker())
                 log.info("resuming sweep parent run %s", self.parent_id)
         os.environ[PARENT_ENV] = self.parent_id
-        atexit.register(self._close, "FAILED")  # a sweep that raises never reaches on_multirun_end
+        atexit.register(self._close_at_exit)  # a sweep that raises never reaches on_multirun_end
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if self.parent_id is None:  # a single run (no multirun): nothing to number
+        if self.uri is None:  # a single run (no multirun): nothing to number
             return
+        if self.parent_id is None:
+            self._start_parent()
         trial = current_trial()
         os.environ[TRIAL_ENV] = str(trial.number if trial is not None else config.hydra.job.num)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if self.parent_id is None or self.joined:
+        if self.uri is None or self.joined:
             return
+        if self.parent_id is None:  # nothing launched this time: update a resumed sweep's parent only
+            key = _optuna_study_key(config)
+            if not (key and (sqlite_path(self.uri) is None or sqlite_path(self.uri).exists())):
+                return
+            exp = self.client.get_experiment_by_name(str(config.study))
+            if not (key and exp and self._find_parent(exp.experiment_id, key)):
+                return
+            self._start_parent()
         summary = self._summary()
         c = self.client
         for name, value in summary["metrics"].items():
@@ -207,6 +241,10 @@ class MLflowSweepCallback(HydraCallback):
             "runs": {r.info.run_id: r.info.status for r in runs},
         }
 
+    def _close_at_exit(self) -> None:
+        # Stopped by SIGINT/SIGTERM: KILLED, like its interrupted child; else the sweep raised.
+        self._close("KILLED" if received() is not None else "FAILED")
+
     def _close(self, status: str) -> None:
         if self.parent_id is None:
             return
@@ -219,7 +257,7 @@ class MLflowSweepCallback(HydraCallback):
 def _optuna_study_key(config: DictConfig) -> str | None:
     """`<storage>#<study name>` for an Optuna sweep (what identifies a resumable sweep)."""
     sweeper = config.hydra.sweeper
-    if not str(sweeper.get("_target_", "")).startswith("hydra_plugins.pipeline_optuna_sweeper"):
+    if str(sweeper.get("_target_", "")) != "hydra_plugins.pipeline_optuna_sweeper.sweeper.OptunaSweeper":
         return None
     name = sweeper.get("study_name") or config.hydra.job.name
-    return f"{resolve_storage(sweeper.get('storage'))}#{name}"
+    return f"{redact(resolve_storage(sweeper.get('storage')))}#{name}"

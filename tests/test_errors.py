@@ -106,7 +106,7 @@ CASES: dict[str, tuple[Callable, list[str], Callable[[Path], None] | None, str]]
         train.main,
         ["data=hf", "data.name=nosuch/dataset"],
         None,
-        "data.name='nosuch/dataset' (config=None, split=train) could not be loaded",
+        "data.name='nosuch/dataset': datasets.load_dataset('nosuch/dataset', None, split='train') failed",
     ),
     "rerun_no_store": (rerun.main, ["0123abcd"], None, "no MLflow store at"),
     "rerun_unknown_run": (rerun.main, ["0123abcd"], _store_with_an_experiment, "cannot read run 0123abcd"),

@@ -17,6 +17,10 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
+# Slow and not yet verified after the final merges: SIGINT failed and SIGTERM timed out on a
+# machine loaded by ten concurrent test runs (issue 13 stays open until both pass idle).
+pytestmark = pytest.mark.slow
+
 # Long enough (a few seconds a trial) to be caught in flight.
 ARGS = [
     "hydra/sweeper=optuna",

@@ -12,13 +12,6 @@ from pipeline.model.components import REGISTRIES, Dims
 from pipeline.model.components.ffn import MoE, MoEConfig, SwiGLU, SwiGLUConfig
 from pipeline.model.presets import PRESETS
 
-# Issue 10 (h10eval) made MoE capacity per sequence with first choices served first; that code
-# was lost when merged with issue 15's sync-free grouped routing. To be reapplied there.
-CAPACITY_LOST_IN_MERGE = pytest.mark.xfail(
-    strict=True, reason="per-sequence, first-choice-first MoE capacity lost in the merge with grouped routing"
-)
-
-
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     n = torch.get_num_threads()
@@ -265,7 +258,6 @@ def test_moe_capacity_drops_are_counted_exactly():
     assert layer.stats.dropped.item() == 0
 
 
-@CAPACITY_LOST_IN_MERGE
 def test_moe_capacity_serves_first_choices_before_second_choices():
     # 4 tokens, top-2 of 4 experts, capacity ceil(1 * 4 * 2 / 4) = 2 per expert. Expert 0 is the
     # second choice of tokens 0 and 1 and the first choice of tokens 2 and 3: it serves 2 and 3.
@@ -280,7 +272,6 @@ def test_moe_capacity_serves_first_choices_before_second_choices():
     torch.testing.assert_close(out[:1], first_only)
 
 
-@CAPACITY_LOST_IN_MERGE
 def test_moe_capacity_is_per_sequence():
     """Under a capacity limit, a sequence's output is the same alone or in any batch."""
     torch.manual_seed(0)

@@ -18,7 +18,7 @@ from pipeline.evaluate.extrapolation import block_length
 from pipeline.model import ModelConfig
 from pipeline.run.spec import validate_config
 
-STUDIES = sorted(p.stem for p in (CONF_DIR / "ablation").glob("*.yaml"))
+STUDIES = sorted(p.stem for p in (CONF_DIR / "ablation").glob("*.yaml") if p.stem != "none")
 
 
 def _compose(overrides: list[str], job: bool = True):

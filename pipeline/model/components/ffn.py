@@ -50,9 +50,10 @@ class GeluConfig(FFNConfig):
 @dataclass
 class SwiGLUConfig(FFNConfig):
     name: str = "swiglu"
-    # LLaMA's hidden width: 2/3 * 4d rounded up to a multiple of `multiple_of` (256 at LLaMA's
-    # scale; 64 keeps small models at about the parameter count of a 4d GELU MLP).
-    multiple_of: int = 64
+    # Default width 8d/3 (Shazeer 2020; LLaMA), so its three matrices hold a 4d GELU MLP's
+    # parameters, rounded up to a multiple of `multiple_of`. 1 keeps them within 1% of the
+    # GELU MLP at every d_model >= 13 (tested); LLaMA uses 256, which at d_model 64 would add 12.5%.
+    multiple_of: int = 1
 
     def check(self, dims: Dims) -> None:
         super().check(dims)
@@ -69,9 +70,16 @@ class MoEConfig(FFNConfig):
     top_k: int = 2
     aux_loss_coef: float = 0.01  # Switch load-balancing loss weight (Fedus et al. 2021)
     z_loss_coef: float = 0.001  # router z-loss weight (Zoph et al. 2022, ST-MoE)
-    capacity_factor: float | None = None  # None: no token is ever dropped
+    # Training only: each expert serves at most ceil(capacity_factor * T * top_k / n_experts)
+    # assignments per sequence of T tokens, first choices before second ones; None: no limit.
+    # Evaluation (model.eval()) never drops a token.
+    capacity_factor: float | None = None
     expert: Literal["swiglu", "gelu"] = "swiglu"  # the MLP each expert is
-    multiple_of: int = 64
+    # Expert width when `hidden` is None: the dense MLP's default width / granularity
+    # (Krajewski et al. 2024). None = top_k: a token's active FFN parameters equal the dense
+    # MLP's, so MoE against dense compares routing, not size; 1 = Mixtral's full-width experts.
+    granularity: int | None = None
+    multiple_of: int = 1
     approximate: Literal["tanh", "none"] = "tanh"
 
     def check(self, dims: Dims) -> None:
@@ -79,6 +87,8 @@ class MoEConfig(FFNConfig):
         positive(self.key("n_experts"), self.n_experts)
         positive(self.key("top_k"), self.top_k)
         positive(self.key("multiple_of"), self.multiple_of)
+        if self.granularity is not None:
+            positive(self.key("granularity"), self.granularity)
         if self.top_k > self.n_experts:
             raise ConfigError(
                 f"{self.key('top_k')}={self.top_k} > {self.key('n_experts')}={self.n_experts}; "
@@ -98,18 +108,23 @@ class MoEConfig(FFNConfig):
         return Cost(params=self.n_experts * expert.params + router, macs=active, active=active)
 
 
-def swiglu_hidden(d_model: int, multiple_of: int) -> int:
-    hidden = int(2 * 4 * d_model / 3)
-    return multiple_of * math.ceil(hidden / multiple_of)
+def swiglu_hidden(d_model: int, multiple_of: int = 1, granularity: int = 1) -> int:
+    """8d/3 / granularity, rounded to the nearest integer, then up to a multiple of
+    `multiple_of` (LLaMA-7B: d 4096, multiple_of 256 -> 11008)."""
+    return multiple_of * math.ceil(round(8 * d_model / (3 * granularity)) / multiple_of)
 
 
 def ffn_hidden(cfg: FFNConfig, d_model: int) -> int:
     """Hidden width of one MLP (of one expert for MoE): `hidden` if set, else 4d for a GELU MLP
-    and LLaMA's rounded 8d/3 for a SwiGLU one."""
+    and 8d/3 for a SwiGLU one (the same parameters), an MoE expert divided by its granularity."""
     if cfg.hidden is not None:
         return cfg.hidden
-    gated = isinstance(cfg, SwiGLUConfig) or (isinstance(cfg, MoEConfig) and cfg.expert == "swiglu")
-    return swiglu_hidden(d_model, cfg.multiple_of) if gated else 4 * d_model
+    if isinstance(cfg, MoEConfig):
+        g = cfg.granularity or cfg.top_k
+        if cfg.expert == "swiglu":
+            return swiglu_hidden(d_model, cfg.multiple_of, g)
+        return cfg.multiple_of * math.ceil(round(4 * d_model / g) / cfg.multiple_of)
+    return swiglu_hidden(d_model, cfg.multiple_of) if isinstance(cfg, SwiGLUConfig) else 4 * d_model
 
 
 FFN: Registry[nn.Module] = Registry("ffn")
@@ -235,6 +250,28 @@ class MoE(nn.Module):
                 start += n
         return out
 
+    def _within_capacity(self, assign: Tensor, T: int) -> tuple[Tensor, Tensor]:
+        """The assignments grouped by expert, and which of them the capacity limit serves.
+
+        Capacity is per sequence (GShard's groups; Lepikhin et al. 2021): each expert takes at
+        most ceil(capacity_factor * T * top_k / n_experts) assignments from each sequence of T
+        tokens, so a sequence's output never depends on the others in its batch. Within a
+        sequence, every first choice is served before any second choice (Switch's priority by
+        rank; Fedus et al. 2021), then earlier tokens before later ones.
+        """
+        E, k = self.cfg.n_experts, self.cfg.top_k
+        capacity = math.ceil(self.cfg.capacity_factor * T * k / E)
+        a = torch.arange(assign.numel(), device=assign.device)
+        token, choice = a // k, a % k
+        n_seq, seq, pos = assign.numel() // (T * k), token // T, token % T
+        group = assign * n_seq + seq  # (expert, sequence), expert-major: sorting keeps experts contiguous
+        order = ((group * k + choice) * T + pos).argsort()  # distinct keys: group, choice, position
+        sizes = torch.zeros(E * n_seq, dtype=torch.long, device=assign.device).index_add_(
+            0, group, torch.ones_like(group)
+        )
+        rank = a - (sizes.cumsum(0) - sizes)[group[order]]  # place within its (expert, sequence)
+        return order, rank < capacity
+
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (N, d)
@@ -247,22 +284,20 @@ class MoE(nn.Module):
         gates, experts = probs.topk(k, dim=-1)  # (N, k)
         gates = gates / gates.sum(dim=-1, keepdim=True)
 
-        # Group the N*k (token, expert) assignments by expert; stable sort keeps token order,
-        # so under a capacity limit the earliest tokens of each expert are served first.
         # Everything below has static shapes: no host read, so no CUDA sync (bincount would
-        # size its output from the data; boolean indexing too).
-        assign = experts.flatten()
-        order = assign.argsort(stable=True)
+        # size its output from the data; boolean indexing too). Dropped assignments keep their
+        # rows with a zero gate: their output is multiplied away.
+        assign = experts.flatten()  # (N * k,): assignment a is token a // k's choice a % k
         counts = torch.zeros(E, dtype=torch.long, device=x.device).index_add_(0, assign, torch.ones_like(assign))
+        if self.cfg.capacity_factor is None or not self.training:  # evaluation never drops
+            order = assign.argsort(stable=True)  # grouped by expert, token order within each
+            keep = None
+        else:
+            order, keep = self._within_capacity(assign, shape[-2] if x.dim() == 3 else N)
         token = order // k
         gate = gates.flatten()[order]
         dropped = torch.zeros((), dtype=torch.long, device=x.device)
-        if self.cfg.capacity_factor is not None:
-            # A dropped assignment keeps its row with a zero gate: its output is multiplied away.
-            capacity = math.ceil(self.cfg.capacity_factor * N * k / E)
-            starts = torch.cumsum(counts, 0) - counts
-            rank = torch.arange(N * k, device=x.device) - starts[assign[order]]
-            keep = rank < capacity
+        if keep is not None:
             gate = gate * keep
             dropped = (~keep).sum()
 

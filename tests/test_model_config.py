@@ -12,6 +12,7 @@ from pipeline.model.components import REGISTRIES, Dims
 from pipeline.model.components.ffn import MoE, MoEConfig, SwiGLU, SwiGLUConfig
 from pipeline.model.presets import PRESETS
 
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     n = torch.get_num_threads()

@@ -360,33 +360,20 @@ def section_compute(doc: Doc, configs, factors, levels, fl, c_star: float, eff: 
             c.label: runs for c in configs if (runs := [cv for t in c.trials if (cv := loss_vs_compute(t)) is not None])
         }
     }
+
+    def figure(panels, name: str, caption: str) -> None:
+        axes = ("training FLOPs", "val loss (nats/token)")
+        files.append(plots.grouped_curves(panels, *axes, out / name, fl, log_x=True, vline=c_star))
+        doc.img(files[-1].name, caption)
+
     if len(configs) <= 12:
-        files.append(
-            plots.grouped_curves(
-                per_arm,
-                "training FLOPs",
-                "val loss (nats/token)",
-                out / "val_loss_compute.png",
-                fl,
-                log_x=True,
-                vline=c_star,
-            )
-        )
-        doc.img(files[-1].name, "val loss vs training compute per configuration")
+        figure(per_arm, "val_loss_compute.png", "val loss vs training compute per configuration")
     if factors:
-        panels = by_level(configs, factors, levels, loss_vs_compute)
-        files.append(
-            plots.grouped_curves(
-                panels,
-                "training FLOPs",
-                "val loss (nats/token)",
-                out / "val_loss_compute_levels.png",
-                fl,
-                log_x=True,
-                vline=c_star,
-            )
+        figure(
+            by_level(configs, factors, levels, loss_vs_compute),
+            "val_loss_compute_levels.png",
+            "val loss vs training compute by factor level",
         )
-        doc.img(files[-1].name, "val loss vs training compute by factor level")
     if eff is not None:
         doc.h(3, "Effects at matched compute")
         effects_table(doc, eff, bpt, out / "effects_compute.png", files)

@@ -219,8 +219,19 @@ class MoE(nn.Module):
         dtype = (
             torch.get_autocast_dtype(flat.device.type) if torch.is_autocast_enabled(flat.device.type) else flat.dtype
         )
-        aligned = self.w_in.shape[-1] % 8 == 0 and self.w_out.shape[-1] % 8 == 0 and self.w_in.shape[1] % 8 == 0
+        aligned = self.w_in.shape[-1] % 8 == 0  # d_model; the hidden width is padded below
         return self.dispatch == "auto" and dtype == torch.bfloat16 and aligned and hasattr(torch, "_grouped_mm")
+
+    def _padded(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The expert weights in `dtype`, the hidden width zero-padded to a multiple of 8, as
+        grouped matmuls need 16-byte aligned rows. A padded unit computes act(0) * 0 = 0 and
+        its zero output weights add nothing, so outputs and gradients are unchanged; the cast
+        copies the weights anyway, so the padding costs no extra pass."""
+        E, d, hidden = self.w_out.shape
+        pad = -hidden % 8
+        w_in = self.w_in.to(dtype).view(E, -1, hidden, d)  # (E, [gate, up] or up, h, d)
+        w_in = F.pad(w_in, (0, 0, 0, pad)).view(E, -1, d)
+        return w_in, F.pad(self.w_out.to(dtype), (0, pad))
 
     def _experts_grouped(self, flat: Tensor, token: Tensor, gate: Tensor, counts: Tensor) -> Tensor:
         """All experts in two grouped matmuls over the expert-sorted assignments: one kernel
@@ -228,13 +239,14 @@ class MoE(nn.Module):
         them). torch._grouped_mm takes bf16 (what its CUDA kernel, Hopper and later, runs)."""
         bf16 = torch.bfloat16
         offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's group
-        h = torch._grouped_mm(flat[token].to(bf16), self.w_in.to(bf16).transpose(1, 2), offs=offs)  # (N*k, [2]h)
+        w_in, w_out = self._padded(bf16)
+        h = torch._grouped_mm(flat[token].to(bf16), w_in.transpose(1, 2), offs=offs)  # (N*k, [2]h)
         if self.gated:
             g, up = h.chunk(2, dim=-1)
             h = F.silu(g) * up
         else:
             h = F.gelu(h, approximate=self.cfg.approximate)
-        y = torch._grouped_mm(h.contiguous(), self.w_out.to(bf16).transpose(1, 2), offs=offs)  # (N*k, d)
+        y = torch._grouped_mm(h.contiguous(), w_out.transpose(1, 2), offs=offs)  # (N*k, d)
         y = y * gate[:, None].to(bf16)
         return torch.zeros(flat.shape, dtype=bf16, device=flat.device).index_add_(0, token, y)
 

@@ -200,12 +200,6 @@ def check_devices(t: dict[str, Any], batch_size: int) -> int:
             f"trainer.devices={devices} needs trainer=ddp (one process per device, one MLflow run); "
             f"use trainer=ddp trainer.devices={devices}, or trainer.devices=1"
         )
-    if batch_size % devices:
-        up = -(-batch_size // devices) * devices
-        raise RunConfigError(
-            f"data.batch_size={batch_size} is not divisible by trainer.devices={devices}: it is the global batch, "
-            f"split evenly over the devices; use a multiple of {devices} (e.g. data.batch_size={up})"
-        )
     _require(
         "trainer.accelerator",
         accelerator,
@@ -229,6 +223,12 @@ def check_devices(t: dict[str, Any], batch_size: int) -> int:
                 f"trainer.devices={devices} is more than the {cores} usable CPU core(s) (one gloo process per "
                 f"device); use trainer.devices from 1 to {cores}"
             )
+    if batch_size % devices:
+        up = -(-batch_size // devices) * devices
+        raise RunConfigError(
+            f"data.batch_size={batch_size} is not divisible by trainer.devices={devices}: it is the global batch, "
+            f"split evenly over the devices; use a multiple of {devices} (e.g. data.batch_size={up})"
+        )
     return devices
 
 

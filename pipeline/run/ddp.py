@@ -19,6 +19,7 @@ training breaks rank 0's next collective, and the run ends FAILED naming that ra
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -242,6 +243,21 @@ def _cuda() -> bool:
 # -- ranks 1..N-1 ---------------------------------------------------------------------------------
 
 
+def _die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this rank when rank 0's process ends (prctl
+    PR_SET_PDEATHSIG), so a killed sweep worker leaves no rank waiting on a collective."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # rank 0 was gone before the request took effect
+        sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Rank RANK of WORLD: `python -m pipeline.run.ddp CONFIG RANK WORLD PORT` (started by rank 0)."""
     import lightning as L
@@ -251,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
 
     config, rank, world_size, port = argv if argv is not None else sys.argv[1:]
     rank, world_size, port = int(rank), int(world_size), int(port)
+    # Ctrl-C reaches every process of the terminal; rank 0 alone handles it (the run ends
+    # KILLED) and then ends this rank. If rank 0 dies, so does this rank.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
     cfg = OmegaConf.load(config)
     spec = validate_config(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # as rank 0: the same model and batches

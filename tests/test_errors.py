@@ -1,7 +1,7 @@
 """Every row of docs/errors.md: bad input exits 2 with one line, before compute, recording nothing.
 
 The commands run in-process (`main(argv)`, the console scripts' entry point) in a scratch
-folder, so the table's 29 cases take seconds, not minutes; tests/test_train.py runs some of
+folder, so the table's 33 cases take seconds, not minutes; tests/test_train.py runs some of
 them through a real subprocess too.
 """
 
@@ -76,6 +76,25 @@ CASES: dict[str, tuple[Callable, list[str], Callable[[Path], None] | None, str]]
         "all 2 points were skipped as invalid, nothing was launched",
     ),
     "basic_sweep_bad_point": (train.main, ["-m", "model.n_heads=2,3"], None, "is invalid, nothing was launched"),
+    "devices_without_ddp": (train.main, ["trainer.devices=2"], None, "trainer.devices=2 needs trainer=ddp"),
+    "ddp_uneven_batch": (
+        train.main,
+        ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=9"],
+        None,
+        "data.batch_size=9 is not divisible by trainer.devices=2: it is the global batch",
+    ),
+    "ddp_more_gpus_than_visible": (
+        train.main,
+        ["trainer=ddp", "trainer.accelerator=gpu", "trainer.devices=4096"],
+        None,
+        "trainer.devices=4096 is more than the",
+    ),
+    "ddp_more_processes_than_cores": (
+        train.main,
+        ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=4096"],
+        None,
+        "usable CPU core(s) (one gloo process per device); use trainer.devices from 1 to",
+    ),
     "study_name_climbs": (train.main, ["study=../../escape"], None, "study='../../escape' is not a valid name"),
     "missing_corpus": (
         train.main,

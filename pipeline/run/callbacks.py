@@ -25,7 +25,8 @@ def peak_flops(device: torch.device, precision: str, stated: float | None = None
 
 class Throughput(L.Callback):
     """Training tokens per second over the steps after `warmup` (allocator and kernel warm-up),
-    validation excluded.
+    validation excluded. Under DDP it runs on rank 0 and counts the tokens of every rank (the
+    ranks step in lockstep), so it is the trial's throughput, not one device's.
 
     The clock runs over spans of steps, not step by step: on a GPU, reading the clock around
     each step would need a host sync per step (kernels run asynchronously), which stalls the
@@ -36,6 +37,7 @@ class Throughput(L.Callback):
         self.warmup, self.sync = warmup, sync
         self.seconds = 0.0
         self.tokens = 0
+        self.world_size = 1  # ranks training together (DDP), each on an equal slice of the batch
         self._t0: float | None = None  # start of the current span
 
     def _now(self) -> float:
@@ -48,13 +50,16 @@ class Throughput(L.Callback):
             self.seconds += self._now() - self._t0
             self._t0 = None
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.world_size = trainer.world_size
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step < self.warmup:
             return
         if self._t0 is None:
             self._t0 = self._now()  # the span starts after this step
         else:
-            self.tokens += batch[1].numel()
+            self.tokens += batch[1].numel() * self.world_size
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._close_span()

@@ -5,6 +5,10 @@ Trainer has. A training step never reads a value back to the host (a CUDA sync, 
 budget's 1-3 ms steps costs as much as the step): metrics are logged only at logging steps (every
 `trainer.log_every_n_steps`), and the loss checked for NaN/inf every `check_finite_every` steps
 (on a GPU the runner makes that the logging interval).
+
+Under DDP (trainer=ddp, pipeline/run/ddp.py) every rank trains on its slice of the global batch;
+the logged losses are all-reduced means over the ranks, so the curves are those of one process
+at the same global batch; `train/tokens_seen` counts the tokens of all ranks.
 """
 
 from __future__ import annotations
@@ -56,17 +60,23 @@ class LitDecoderLM(L.LightningModule):
         step = self.global_step + 1
         return step % max(1, self.trainer.log_every_n_steps) == 0 or step >= self.max_steps
 
+    @property
+    def _sync(self) -> bool:
+        """All-reduce logged values over the ranks (a no-op, and skipped, on one device)."""
+        return self.trainer.world_size > 1
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         logits, aux = self.step_model(x, return_aux=True)
         lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
         self._track_finite(lm_loss)
-        self.tokens_seen += y.numel()
+        self.tokens_seen += y.numel() * self.trainer.world_size  # every rank's slice of the global batch
         log_now = self._log_step()
         if log_now:
             # Only at logging steps, and not on the progress bar: it reads its metrics back at
-            # every step, not only these.
-            self.log(Metric.TRAIN_LOSS, lm_loss)
+            # every step, not only these. Under DDP the mean over the ranks' equal slices is the
+            # loss of the global batch (every rank logs at the same steps, so the all-reduce pairs up).
+            self.log(Metric.TRAIN_LOSS, lm_loss, sync_dist=self._sync)
             self.log(Metric.TRAIN_TOKENS_SEEN, float(self.tokens_seen))
             self.log(Metric.LR, self.optimizers().param_groups[0]["lr"])
         if not aux:
@@ -78,7 +88,8 @@ class LitDecoderLM(L.LightningModule):
                     Metric.MOE_BALANCE: aux["moe_balance"],
                     Metric.MOE_Z: aux["moe_z"],
                     Metric.MOE_DROPPED: aux["moe_dropped"].float(),
-                }
+                },
+                sync_dist=self._sync,
             )
         load = aux["expert_load"]
         self._load_sum = load if self._load_sum is None else self._load_sum + load
@@ -107,14 +118,18 @@ class LitDecoderLM(L.LightningModule):
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
         loss = F.cross_entropy(self.model(x).flatten(0, 1).float(), y.flatten())
-        self.log(Metric.VAL_LOSS, loss, prog_bar=True)  # averaged over the val batches
+        # Averaged over the val batches, then over the ranks (each holds an equal share of the windows).
+        self.log(Metric.VAL_LOSS, loss, prog_bar=True, sync_dist=self._sync)
 
     def on_validation_epoch_end(self) -> None:
         val_loss = self.trainer.callback_metrics.get(Metric.VAL_LOSS)
         if val_loss is not None:
-            self.log(Metric.VAL_PPL, torch.exp(val_loss))
+            self.log(Metric.VAL_PPL, torch.exp(val_loss), sync_dist=self._sync)  # equal on every rank
         if self._load_sum is not None and self._load_steps:
-            load = (self._load_sum / self._load_steps).tolist()
+            load = self._load_sum / self._load_steps
+            if self._sync:  # the experts' load over every rank's tokens, in one all-reduce
+                load = self.trainer.strategy.reduce(load, reduce_op="mean")
+            load = load.tolist()
             self.log_dict({moe_load(i, j): v for i, row in enumerate(load) for j, v in enumerate(row)})
             self._load_sum, self._load_steps = None, 0
 

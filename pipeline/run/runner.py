@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,7 +64,8 @@ def run(
     tags = {**run_tags(cfg, spec, model_cfg), **tuned_tags, **(extra_tags or {})}
     with runs.tracked_run(uri, cfg.study, run_name(cfg, model_cfg), tags, cfg.tracking.system_metrics) as active:
         record_config(cfg, spec, model_cfg, overrides, dm)
-        model, val_loss, device = train(cfg, spec, model_cfg, dm, runs.lightning_logger(uri, active.info.run_id))
+        logger = runs.lightning_logger(uri, active.info.run_id)
+        model, val_loss, device = train(cfg, spec, model_cfg, dm, logger, out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         if spec.eval.enabled:
             evaluate(cfg, spec, model, device, dm, out_dir)
@@ -74,10 +76,11 @@ def run(
 # -- the steps ------------------------------------------------------------------------------------
 
 
-def prepare_data(cfg: DictConfig, spec: RunSpec) -> LMDataModule:
+def prepare_data(cfg: DictConfig, spec: RunSpec, rank: int = 0) -> LMDataModule:
     """Load (or tokenize and cache) the splits; refuse, before any MLflow run exists, a run that
     reads train more than data.max_epochs times (validation checks it only when the corpus was
-    already cached) and a test split too short for one evaluation window."""
+    already cached) and a test split too short for one evaluation window. Under DDP, `rank`'s
+    share of every global batch."""
     dm = LMDataModule(
         spec.data,
         spec.model.context_length,
@@ -85,6 +88,8 @@ def prepare_data(cfg: DictConfig, spec: RunSpec) -> LMDataModule:
         seed=cfg.seed,
         val_batches=spec.val_batches,
         pin_memory=_on_cuda(cfg.trainer.accelerator),  # page-locked batches copy to the GPU asynchronously
+        rank=rank,
+        world_size=spec.devices,
     )
     dm.setup("fit")
     spec.check_epochs(len(dm.splits.train))
@@ -168,48 +173,69 @@ def record_config(
     mlflow.log_metrics({floor_ngram(int(k.removeprefix("ngram"))): v for k, v in floors.items()})
 
 
+def make_module(cfg: DictConfig, spec: RunSpec, model_cfg: ModelConfig) -> Any:
+    """The LightningModule of a run (every DDP rank builds the same one)."""
+    from pipeline.run.module import LitDecoderLM
+
+    # On a GPU the finite-loss check and the throughput clock sync with the host only every few
+    # steps, not every step (a sync stalls the kernel queue): the loss check once per logging
+    # interval, when the logged metrics are read back anyway.
+    on_cuda = _on_cuda(cfg.trainer.accelerator)
+    check_every = max(1, int(cfg.trainer.get("log_every_n_steps") or 10)) if on_cuda else 1
+    return LitDecoderLM(model_cfg, spec.optim, spec.max_steps, check_finite_every=check_every, compile=spec.compile)
+
+
+# Keys of the trainer config that are ours (RunSpec), not lightning.Trainer's.
+OWN_TRAINER_KEYS = ("compile", "peak_flops", "strategy")
+
+
+def make_trainer(cfg: DictConfig, spec: RunSpec, **kwargs: Any) -> Any:
+    """lightning.Trainer from `cfg.trainer` (its `_target_`), with the validation interval as
+    used; `kwargs` add the logger, callbacks and, under DDP, the strategy (pipeline.run.ddp)."""
+    from hydra.utils import instantiate
+
+    trainer_cfg = OmegaConf.masked_copy(cfg.trainer, [k for k in cfg.trainer if k not in OWN_TRAINER_KEYS])
+    return instantiate(trainer_cfg, val_check_interval=spec.val_check_interval, **kwargs)
+
+
 def train(
-    cfg: DictConfig, spec: RunSpec, model_cfg: ModelConfig, dm: LMDataModule, logger: Any
+    cfg: DictConfig, spec: RunSpec, model_cfg: ModelConfig, dm: LMDataModule, logger: Any, out_dir: Path
 ) -> tuple[DecoderLM, float, torch.device]:
     """Fit the model; returns it, the final val/loss and the device it trained on. Training
     throughput is logged as a cost metric; an interrupted fit raises KeyboardInterrupt (the run
     ends KILLED). The training state (optimizer moments, gradients, the trainer) is freed before
-    returning, so the inference memory measured next is the model's alone."""
+    returning, so the inference memory measured next is the model's alone.
+
+    With trainer.devices=N (trainer=ddp) this process is rank 0 of N (pipeline.run.ddp): the
+    other ranks start here and end with the fit; logging and what follows stay in this process."""
     import mlflow
     import torch
-    from hydra.utils import instantiate
 
     from pipeline.evaluate.cost import analytic_cost
+    from pipeline.run import ddp
     from pipeline.run.callbacks import Throughput, peak_flops
-    from pipeline.run.module import LitDecoderLM
     from pipeline.tracking.sweep import trial_callbacks, trial_trainer_kwargs
 
-    on_cuda = _on_cuda(cfg.trainer.accelerator)
-    # On a GPU the finite-loss check and the throughput clock sync with the host only every few
-    # steps, not every step (a sync stalls the kernel queue): the loss check once per logging
-    # interval, when the logged metrics are read back anyway.
-    check_every = max(1, int(cfg.trainer.get("log_every_n_steps") or 10)) if on_cuda else 1
-    lit = LitDecoderLM(model_cfg, spec.optim, spec.max_steps, check_finite_every=check_every, compile=spec.compile)
-    throughput = Throughput(sync=on_cuda)
-    # trainer.compile and trainer.peak_flops are ours (RunSpec), not lightning.Trainer's.
-    trainer_cfg = OmegaConf.masked_copy(cfg.trainer, [k for k in cfg.trainer if k not in ("compile", "peak_flops")])
-    trainer = instantiate(
-        trainer_cfg,
-        val_check_interval=spec.val_check_interval,
-        logger=logger,
-        callbacks=[throughput, *trial_callbacks(cfg)],
-        **trial_trainer_kwargs(),
-    )
-    tic = time.perf_counter()
-    trainer.fit(lit, datamodule=dm)
-    if trainer.interrupted:
-        raise KeyboardInterrupt("training interrupted")
-    lit.check_finite()  # the steps since the last check
+    lit = make_module(cfg, spec, model_cfg)
+    throughput = Throughput(sync=_on_cuda(cfg.trainer.accelerator))
+    callbacks = [throughput, *trial_callbacks(cfg)]
+    with ddp.ranks(cfg, spec.devices, out_dir / "ddp") if spec.devices > 1 else nullcontext() as others:
+        distributed = ddp.trainer_kwargs(0, spec.devices, others.port, cfg.trainer.accelerator) if others else {}
+        trainer = make_trainer(cfg, spec, logger=logger, callbacks=callbacks, **trial_trainer_kwargs(), **distributed)
+        if others:
+            others.wait_ready()
+        tic = time.perf_counter()
+        trainer.fit(lit, datamodule=dm)
+        if trainer.interrupted:
+            raise KeyboardInterrupt("training interrupted")
+        lit.check_finite()  # the steps since the last check
     # Training's share of the trial: with eval/seconds, the rest of a trial is overhead.
     mlflow.log_metric(Metric.TRAIN_SECONDS, time.perf_counter() - tic)
     if throughput.tokens_per_s:
         mlflow.log_metric(Metric.COST_TRAIN_TOKENS_PER_S, throughput.tokens_per_s)
     peak = peak_flops(trainer.strategy.root_device, cfg.trainer.precision, spec.peak_flops)
+    if peak is not None:
+        peak *= spec.devices  # the tokens/s are every device's together
     mfu = throughput.mfu(analytic_cost(model_cfg)["flops_per_token"], peak)
     if mfu is not None:
         mlflow.log_metrics({Metric.COST_MFU: mfu, Metric.COST_PEAK_FLOPS: peak})

@@ -7,6 +7,7 @@ here reads data or creates a run.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,7 @@ class RunSpec:
     max_epochs: float = 2.0
     compile: bool = False  # trainer.compile: torch.compile the training forward pass
     peak_flops: float | None = None  # trainer.peak_flops: the FLOP/s cost/mfu divides by
+    devices: int = 1  # trainer.devices: DDP processes (trainer=ddp), each on batch_size / devices rows
 
     @property
     def planned_tokens(self) -> int:
@@ -130,6 +132,7 @@ def validate_config(cfg: DictConfig) -> RunSpec:
             f"trainer.compile=true with model.ffn=moe needs trainer.precision=bf16-mixed, not {t.get('precision')!r}: "
             "only the bf16 grouped expert matmul is free of host reads (graph breaks); or set trainer.compile=false"
         )
+    devices = check_devices(t, batch_size)
     check_keys("optimizer", c["optimizer"], OptimConfig, RunConfigError)
     o = OptimConfig(**c["optimizer"])
     _require("optimizer.lr", o.lr, o.lr > 0, "use a positive learning rate")
@@ -159,6 +162,7 @@ def validate_config(cfg: DictConfig) -> RunSpec:
         float(max_epochs),
         compile_,
         peak,
+        devices,
     )
     # The epochs check needs the train split's size: known here when the corpus is already in the
     # token cache (read from its metadata, not its tokens); otherwise the runner checks it right
@@ -167,6 +171,93 @@ def validate_config(cfg: DictConfig) -> RunSpec:
     if meta and meta.get("tokens"):
         spec.check_epochs(meta["tokens"]["train"])
     return spec
+
+
+DDP_ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
+
+
+def check_devices(t: dict[str, Any], batch_size: int) -> int:
+    """trainer.devices and trainer.strategy: one device, or trainer=ddp over N devices that
+    exist here (CUDA devices visible to this process, or CPU cores for gloo processes), with
+    the global data.batch_size split evenly over them. Returns the number of devices."""
+    devices, strategy, accelerator = t.get("devices", 1), t.get("strategy", "auto"), t.get("accelerator")
+    _require(
+        "trainer.strategy",
+        strategy,
+        strategy in ("auto", "ddp"),
+        "use trainer=ddp for one trial on several devices (its strategy is ddp), or auto",
+    )
+    _require(
+        "trainer.devices",
+        devices,
+        isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1,
+        "use a positive number of devices (trainer=ddp trainer.devices=N for several)",
+    )
+    if devices == 1:
+        return 1
+    if strategy != "ddp":
+        raise RunConfigError(
+            f"trainer.devices={devices} needs trainer=ddp (one process per device, one MLflow run); "
+            f"use trainer=ddp trainer.devices={devices}, or trainer.devices=1"
+        )
+    _require(
+        "trainer.accelerator",
+        accelerator,
+        accelerator in DDP_ACCELERATORS,
+        "trainer=ddp runs on gpu (NCCL) or cpu (gloo)",
+    )
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and _cuda_count()):
+        visible = _cuda_count()
+        if devices > visible:
+            where = os.environ.get("CUDA_VISIBLE_DEVICES")
+            shown = f" (CUDA_VISIBLE_DEVICES={where})" if where is not None else ""
+            hint = "; a sweep worker sees one GPU: run DDP trials with hydra.sweeper.workers=0" if _in_worker() else ""
+            valid = f"use trainer.devices from 1 to {visible}" if visible else "use trainer.accelerator=cpu"
+            raise RunConfigError(
+                f"trainer.devices={devices} is more than the {visible} CUDA device(s) visible{shown}; {valid}{hint}"
+            )
+    else:
+        cores = _usable_cpus()
+        if devices > cores:
+            raise RunConfigError(
+                f"trainer.devices={devices} is more than the {cores} usable CPU core(s) (one gloo process per "
+                f"device); use trainer.devices from 1 to {cores}"
+            )
+    if batch_size % devices:
+        up = -(-batch_size // devices) * devices
+        raise RunConfigError(
+            f"data.batch_size={batch_size} is not divisible by trainer.devices={devices}: it is the global batch, "
+            f"split evenly over the devices; use a multiple of {devices} (e.g. data.batch_size={up})"
+        )
+    return devices
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _in_worker() -> bool:
+    from hydra_plugins.pipeline_optuna_sweeper.workers import is_worker
+
+    return is_worker()
+
+
+def on_cuda(gpu_value: Any, cpu_value: Any) -> Any:
+    """`${pipeline.on_cuda:A,B}` in a config: A when CUDA is available here, else B (trainer=ddp
+    picks the GPU trainer's accelerator and precision, or the CPU's, as budget=auto does)."""
+    return gpu_value if _cuda_count() else cpu_value
+
+
+OmegaConf.register_new_resolver("pipeline.on_cuda", on_cuda, replace=True)
 
 
 def model_from_config(c: dict[str, Any]) -> tuple[ModelConfig, str | None]:

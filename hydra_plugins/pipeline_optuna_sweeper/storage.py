@@ -68,33 +68,39 @@ def store_lock(url: str) -> Iterator[None]:
         yield
 
 
-_OPEN: dict[str, BaseStorage] = {}
+_OPEN: dict[tuple[str, tuple[tuple[str, Any], ...]], BaseStorage] = {}
 
 
-def open_storage(storage: str | None) -> BaseStorage:
+def open_storage(storage: str | None, heartbeat: dict[str, Any] | None = None) -> BaseStorage:
     """The storage for a URL, opened once per process; SQLite tuned for concurrent workers.
+    `heartbeat`: RDBStorage's heartbeat_interval and grace_period (heartbeat.py), or none.
     A SQLite file that is corrupt, empty or cannot be created is refused in one line naming it
     (never silently replaced by a new study)."""
     from pipeline.errors import one_line
     from pipeline.tracking.uri import StoreError, check_store, redact
 
+    from .heartbeat import quiet
+
     url = resolve_storage(storage)
-    if url in _OPEN:
-        return _OPEN[url]
+    beat = dict(heartbeat or {})
+    key = (url, tuple(sorted(beat.items())))
+    if key in _OPEN:
+        return _OPEN[key]
     check_store(url, "Optuna storage")
     try:
         if sqlite_path(url) is None:
-            opened: BaseStorage = RDBStorage(url)
+            with quiet():
+                opened: BaseStorage = RDBStorage(url, **beat)
         else:
-            with store_lock(url):
-                rdb = RDBStorage(url, engine_kwargs={"connect_args": {"timeout": BUSY_TIMEOUT_S}})
+            with store_lock(url), quiet():
+                rdb = RDBStorage(url, engine_kwargs={"connect_args": {"timeout": BUSY_TIMEOUT_S}}, **beat)
                 with rdb.engine.connect() as con:  # persistent: set once per file
                     con.exec_driver_sql("PRAGMA journal_mode=WAL")
             serialize_transactions(rdb.engine)
             opened = rdb
     except Exception as e:  # a server that refuses, a schema from another Optuna version
         raise StoreError(f"Optuna storage {redact(url)} cannot be opened: {one_line(e).splitlines()[0]}") from e
-    _OPEN[url] = opened
+    _OPEN[key] = opened
     return opened
 
 

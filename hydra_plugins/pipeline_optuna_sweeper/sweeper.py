@@ -297,7 +297,7 @@ class OptunaSweeper(Sweeper):
             if batch:
                 self._run(s.study, batch, progress)
             elif heartbeat_lib.awaited(s.study):
-                time.sleep(self.heartbeat.interval or 1)
+                time.sleep(1.0)  # not the interval: this worker is done as soon as the others are
             else:
                 break
 

@@ -115,6 +115,12 @@ def _pid(t: optuna.trial.FrozenTrial) -> int:
 
 
 GRACE, INTERVAL = 10, 2  # short heartbeat settings, so the retry comes soon after the kill
+# Trials of ~20-40 s on a loaded 2-core machine: a worker takes about a minute to start there,
+# and the other must still be mid-study when it does.
+LONGER = [o for o in TINY if not o.startswith(("trainer.max_steps=", "trainer.val_check_interval="))] + [
+    "trainer.max_steps=120",
+    "trainer.val_check_interval=40",
+]
 
 
 def test_a_worker_killed_mid_trial_loses_its_trial_to_the_other_after_the_grace_period(pg, tmp_path: Path) -> None:
@@ -125,28 +131,24 @@ def test_a_worker_killed_mid_trial_loses_its_trial_to_the_other_after_the_grace_
     t0 = time.monotonic()
     args = ["-m", "hydra/sweeper=optuna", "model/pos_enc=choice(rope,alibi,learned)",
             "model/norm=choice(layernorm,rmsnorm)", f"hydra.sweeper.storage={pg['optuna']}", "study=hb",
-            f"tracking.uri={url}", *TINY, "eval.enabled=false", f"hydra.sweeper.heartbeat_interval={INTERVAL}",
+            f"tracking.uri={url}", *LONGER, "eval.enabled=false", f"hydra.sweeper.heartbeat_interval={INTERVAL}",
             f"hydra.sweeper.grace_period={GRACE}", "hydra.sweeper.max_retry=1"]  # fmt: skip
     procs: list[subprocess.Popen] = []
     try:
+        # Started together, as on two machines: the store lock (a PostgreSQL advisory lock) lets
+        # one of them enqueue the grid.
         victim = _worker(args, tmp_path, tmp_path / "victim.log")
-        procs.append(victim)
-        # The victim is mid-trial once its trial has a child run; then the survivor joins.
-        deadline = time.monotonic() + 600
-        while not any(_pid(t) == victim.pid and "mlflow_run_id" in t.user_attrs for t in _running(pg["optuna"], "hb")):
-            assert victim.poll() is None and time.monotonic() < deadline, (tmp_path / "victim.log").read_text()[-3000:]
-            time.sleep(0.5)
         survivor = _worker(args, tmp_path, tmp_path / "survivor.log")
-        procs.append(survivor)
-        # Kill the victim in a trial of its own while the survivor runs one too.
+        procs += [victim, survivor]
+        # Kill the victim in a trial of its own (its child run started) while the survivor runs one too.
+        deadline = time.monotonic() + 600
         while True:
             running = _running(pg["optuna"], "hb")
             mine = [t for t in running if _pid(t) == victim.pid and "mlflow_run_id" in t.user_attrs]
             if mine and any(_pid(t) == survivor.pid for t in running):
                 break
-            assert survivor.poll() is None and time.monotonic() < deadline, (tmp_path / "survivor.log").read_text()[
-                -3000:
-            ]
+            for p, log in ((victim, "victim.log"), (survivor, "survivor.log")):
+                assert p.poll() is None and time.monotonic() < deadline, (tmp_path / log).read_text()[-3000:]
             time.sleep(0.2)
         os.kill(victim.pid, signal.SIGKILL)
         killed_at = datetime.now()
@@ -174,6 +176,7 @@ def test_a_worker_killed_mid_trial_loses_its_trial_to_the_other_after_the_grace_
         assert len(latest) == 6 and all(t.state == TrialState.COMPLETE for t in latest)
         assert len({tuple(sorted(t.params.items())) for t in latest}) == 6
         assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+        assert len(trials) == 7  # the grid enqueued once, plus the one retry
 
         client = MlflowClient(url)
         exp = client.get_experiment_by_name("hb")
@@ -197,6 +200,22 @@ def test_a_worker_killed_mid_trial_loses_its_trial_to_the_other_after_the_grace_
                 p.wait()
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_the_store_lock_on_postgresql_is_one_lock_across_connections(pg) -> None:
+    """Two first starts on one PostgreSQL study take turns (an advisory lock), as two processes
+    on one SQLite file take turns on its lock file."""
+    from sqlalchemy import create_engine, text
+
+    from hydra_plugins.pipeline_optuna_sweeper.storage import _PG_LOCK_KEY, store_lock
+
+    other = create_engine(pg["optuna"])  # as another machine would connect
+    try_lock = text("SELECT pg_try_advisory_lock(:k)")
+    with store_lock(pg["optuna"]), other.connect() as con:
+        assert con.execute(try_lock, {"k": _PG_LOCK_KEY}).scalar() is False
+    with other.connect() as con:
+        assert con.execute(try_lock, {"k": _PG_LOCK_KEY}).scalar() is True  # released
+    other.dispose()
 
 
 def test_make_server_binds_loopback_by_default() -> None:

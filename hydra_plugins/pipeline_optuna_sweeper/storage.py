@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,8 +25,9 @@ from typing import Any, TypeVar
 
 import optuna
 from optuna.storages import BaseStorage, RDBStorage
-from sqlalchemy import event
-from sqlalchemy.engine import Engine
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.pool import NullPool
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +57,55 @@ def sqlite_path(url: str) -> Path | None:
 
 @contextmanager
 def store_lock(url: str) -> Iterator[None]:
-    """Hold an inter-process lock on a SQLite store (`<file>.lock`); a no-op for other URLs,
-    whose servers serialize schema changes themselves."""
+    """Hold an inter-process lock on a store: a file lock next to a SQLite file (`<file>.lock`),
+    an advisory lock in a PostgreSQL database (any machine), a no-op for other URLs. Held while
+    a first start creates a study and enqueues its grid, so two starts at once enqueue it once."""
     path = sqlite_path(url)
     if path is None:
-        yield
+        if _backend(url) == "postgresql":
+            with _pg_lock(url):
+                yield
+        else:
+            yield
         return
     from filelock import FileLock
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{path}.lock", timeout=LOCK_TIMEOUT_S):
         yield
+
+
+def _backend(url: str) -> str | None:
+    try:
+        return make_url(url).get_backend_name()
+    except Exception:  # not a SQLAlchemy URL: check_store / RDBStorage report it
+        return None
+
+
+_PG_LOCK_KEY = zlib.crc32(b"pipeline_optuna_sweeper.store_lock")  # one lock per database
+_PG_ENGINES: dict[str, Engine] = {}
+
+
+@contextmanager
+def _pg_lock(url: str) -> Iterator[None]:
+    """A session-level PostgreSQL advisory lock (https://www.postgresql.org/docs/current/
+    explicit-locking.html#ADVISORY-LOCKS) on a connection of its own, taken with retries up to
+    LOCK_TIMEOUT_S; the server releases it if this process dies while holding it."""
+    if url not in _PG_ENGINES:
+        _PG_ENGINES[url] = create_engine(url, poolclass=NullPool)
+    with _PG_ENGINES[url].connect() as con:
+        deadline = time.monotonic() + LOCK_TIMEOUT_S
+        while not con.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": _PG_LOCK_KEY}).scalar():
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"the store lock (advisory lock {_PG_LOCK_KEY}) was held for over {LOCK_TIMEOUT_S:.0f} s"
+                )
+            time.sleep(0.2)
+        try:
+            yield
+        finally:
+            con.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_LOCK_KEY})
+            con.commit()
 
 
 _OPEN: dict[tuple[str, tuple[tuple[str, Any], ...]], BaseStorage] = {}

@@ -22,6 +22,7 @@ from hydra_plugins.pipeline_optuna_sweeper import study as study_lib
 from hydra_plugins.pipeline_optuna_sweeper._errors import SearchSpaceError
 from hydra_plugins.pipeline_optuna_sweeper.storage import open_storage
 from hydra_plugins.pipeline_optuna_sweeper.sweeper import OptunaSweeper
+from pipeline import errors  # noqa: F401  (open_storage's import, paid at collection like the rest of the suite)
 
 
 def _study(db: Path, settings: hb.Settings, points: int) -> optuna.Study:

@@ -69,6 +69,12 @@ CASES: dict[str, tuple[Callable, list[str], Callable[[Path], None] | None, str]]
         None,
         "hydra.sweeper.sampler='nosuch' is not known",
     ),
+    "bad_heartbeat": (
+        train.main,
+        [*OPTUNA, "hydra.sweeper.grace_period=5", "seed=0,1"],
+        None,
+        "hydra.sweeper.grace_period=5 is not valid; use a number of seconds above heartbeat_interval (10)",
+    ),
     "all_points_invalid": (
         train.main,
         [*OPTUNA, "model.n_heads=3,5"],

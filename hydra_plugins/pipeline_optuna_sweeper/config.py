@@ -48,6 +48,13 @@ class OptunaSweeperConf:
 
     # Any SQLAlchemy URL; default sqlite:///optuna.db in the working directory.
     storage: Optional[str] = None
+    # Optuna's RDB heartbeat, for every running trial (heartbeat.py, README: Scaling out): each
+    # worker records one every heartbeat_interval seconds (null: off); a RUNNING trial whose
+    # last one is older than grace_period (null: 3x the interval) lost its worker, and the next
+    # worker to claim fails it and queues it again, at most max_retry times per point.
+    heartbeat_interval: Optional[int] = 10
+    grace_period: Optional[int] = 30
+    max_retry: int = 2
     # Default: the app's `study` key if it has one, else the Hydra job name.
     study_name: Optional[str] = "${oc.select:study,null}"
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,8 +25,9 @@ from typing import Any, TypeVar
 
 import optuna
 from optuna.storages import BaseStorage, RDBStorage
-from sqlalchemy import event
-from sqlalchemy.engine import Engine
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.pool import NullPool
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +57,16 @@ def sqlite_path(url: str) -> Path | None:
 
 @contextmanager
 def store_lock(url: str) -> Iterator[None]:
-    """Hold an inter-process lock on a SQLite store (`<file>.lock`); a no-op for other URLs,
-    whose servers serialize schema changes themselves."""
+    """Hold an inter-process lock on a store: a file lock next to a SQLite file (`<file>.lock`),
+    an advisory lock in a PostgreSQL database (any machine), a no-op for other URLs. Held while
+    a first start creates a study and enqueues its grid, so two starts at once enqueue it once."""
     path = sqlite_path(url)
     if path is None:
-        yield
+        if _backend(url) == "postgresql":
+            with _pg_lock(url):
+                yield
+        else:
+            yield
         return
     from filelock import FileLock
 
@@ -68,33 +75,72 @@ def store_lock(url: str) -> Iterator[None]:
         yield
 
 
-_OPEN: dict[str, BaseStorage] = {}
+def _backend(url: str) -> str | None:
+    try:
+        return make_url(url).get_backend_name()
+    except Exception:  # not a SQLAlchemy URL: check_store / RDBStorage report it
+        return None
 
 
-def open_storage(storage: str | None) -> BaseStorage:
+_PG_LOCK_KEY = zlib.crc32(b"pipeline_optuna_sweeper.store_lock")  # one lock per database
+_PG_ENGINES: dict[str, Engine] = {}
+
+
+@contextmanager
+def _pg_lock(url: str) -> Iterator[None]:
+    """A session-level PostgreSQL advisory lock (https://www.postgresql.org/docs/current/
+    explicit-locking.html#ADVISORY-LOCKS) on a connection of its own, taken with retries up to
+    LOCK_TIMEOUT_S; the server releases it if this process dies while holding it."""
+    if url not in _PG_ENGINES:
+        _PG_ENGINES[url] = create_engine(url, poolclass=NullPool)
+    with _PG_ENGINES[url].connect() as con:
+        deadline = time.monotonic() + LOCK_TIMEOUT_S
+        while not con.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": _PG_LOCK_KEY}).scalar():
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"the store lock (advisory lock {_PG_LOCK_KEY}) was held for over {LOCK_TIMEOUT_S:.0f} s"
+                )
+            time.sleep(0.2)
+        try:
+            yield
+        finally:
+            con.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_LOCK_KEY})
+            con.commit()
+
+
+_OPEN: dict[tuple[str, tuple[tuple[str, Any], ...]], BaseStorage] = {}
+
+
+def open_storage(storage: str | None, heartbeat: dict[str, Any] | None = None) -> BaseStorage:
     """The storage for a URL, opened once per process; SQLite tuned for concurrent workers.
+    `heartbeat`: RDBStorage's heartbeat_interval and grace_period (heartbeat.py), or none.
     A SQLite file that is corrupt, empty or cannot be created is refused in one line naming it
     (never silently replaced by a new study)."""
     from pipeline.errors import one_line
     from pipeline.tracking.uri import StoreError, check_store, redact
 
+    from .heartbeat import quiet
+
     url = resolve_storage(storage)
-    if url in _OPEN:
-        return _OPEN[url]
+    beat = dict(heartbeat or {})
+    key = (url, tuple(sorted(beat.items())))
+    if key in _OPEN:
+        return _OPEN[key]
     check_store(url, "Optuna storage")
     try:
         if sqlite_path(url) is None:
-            opened: BaseStorage = RDBStorage(url)
+            with quiet():
+                opened: BaseStorage = RDBStorage(url, **beat)
         else:
-            with store_lock(url):
-                rdb = RDBStorage(url, engine_kwargs={"connect_args": {"timeout": BUSY_TIMEOUT_S}})
+            with store_lock(url), quiet():
+                rdb = RDBStorage(url, engine_kwargs={"connect_args": {"timeout": BUSY_TIMEOUT_S}}, **beat)
                 with rdb.engine.connect() as con:  # persistent: set once per file
                     con.exec_driver_sql("PRAGMA journal_mode=WAL")
             serialize_transactions(rdb.engine)
             opened = rdb
     except Exception as e:  # a server that refuses, a schema from another Optuna version
         raise StoreError(f"Optuna storage {redact(url)} cannot be opened: {one_line(e).splitlines()[0]}") from e
-    _OPEN[url] = opened
+    _OPEN[key] = opened
     return opened
 
 

@@ -29,6 +29,7 @@ from optuna.pruners import BasePruner
 from optuna.samplers import BaseSampler, GridSampler
 from optuna.trial import FrozenTrial, Trial, TrialState, create_trial
 
+from . import heartbeat
 from .search_space import SearchSpace, SearchSpaceError
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,30 @@ def claim(study: optuna.Study) -> Trial | None:
             study._storage.set_trial_system_attr(t._trial_id, "worker", worker())
             return Trial(study, t._trial_id)
     return None
+
+
+def tell(
+    study: optuna.Study, trial: Trial, value: float | None = None, state: TrialState | None = None, **attrs: Any
+) -> bool:
+    """Set the user attributes `attrs` and tell the result; False (with a warning) when the
+    trial is already finished: another worker failed it as stale because its heartbeat came too
+    late (heartbeat.py), and the retry queued then is the attempt that counts."""
+    try:
+        for key, v in attrs.items():
+            study._storage.set_trial_user_attr(trial._trial_id, key, v)
+        if study._storage.get_trial(trial._trial_id).state.is_finished():
+            raise UpdateFinishedTrialError
+        study.tell(trial, value, state=state)
+    except UpdateFinishedTrialError:
+        t = study._storage.get_trial(trial._trial_id)
+        log.warning(
+            "trial %d was already %s (%s); its result here is dropped and its retry counts",
+            t.number,
+            t.state.name,
+            t.user_attrs.get("fail_reason", "finished by another process"),
+        )
+        return False
+    return True
 
 
 def make_sampler(name: str, seed: int | None, kwargs: dict[str, Any], space: SearchSpace) -> BaseSampler:
@@ -204,8 +229,11 @@ def recover(study: optuna.Study, retry_failed: bool) -> None:
                 t.number,
                 t.system_attrs["worker"],
             )
-            mark(study, t._trial_id, interrupted=True, fail_reason="worker died")
-            study.tell(t.number, state=TrialState.FAIL)
+            try:
+                mark(study, t._trial_id, interrupted=True, fail_reason="worker died")
+                study.tell(t.number, state=TrialState.FAIL)
+            except UpdateFinishedTrialError:  # failed as stale by a worker elsewhere meanwhile
+                continue
         else:
             log.warning(
                 "trial %d is RUNNING in a live or remote worker (%s); leaving it alone",
@@ -216,7 +244,7 @@ def recover(study: optuna.Study, retry_failed: bool) -> None:
     for t in latest_attempts(study):
         if outcome(t) in retry:
             log.info("trial %d (%s) is queued for a retry", t.number, outcome(t))
-            system_attrs = {k: v for k, v in t.system_attrs.items() if k != "worker"}
+            system_attrs = {k: v for k, v in t.system_attrs.items() if k not in ("worker", heartbeat.MARK)}
             study.add_trial(
                 create_trial(
                     state=TrialState.WAITING,

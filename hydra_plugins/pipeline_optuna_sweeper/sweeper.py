@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.trial import Trial, TrialState
 
 from . import _hooks, search_space
+from . import heartbeat as heartbeat_lib
 from . import study as study_lib
 from . import workers as workers_lib
 from ._errors import InvalidSweepError, SearchSpaceError, SweepFailedError
@@ -92,6 +93,9 @@ class OptunaSweeper(Sweeper):
         threads_per_worker: int | str = "auto",
         slots_per_gpu: int = 1,
         calibrate: str | None = None,
+        heartbeat_interval: int | None = 10,
+        grace_period: int | None = 30,
+        max_retry: int = 2,
     ) -> None:
         super().__init__()
         self.params = {k: _as_override_value(v) for k, v in (params or {}).items()}
@@ -118,6 +122,10 @@ class OptunaSweeper(Sweeper):
         self.calibrate: Callable[[DictConfig, int], tuple[int, int]] | None = (
             get_method(calibrate) if calibrate else None
         )
+        try:
+            self.heartbeat = heartbeat_lib.Settings(heartbeat_interval, grace_period, max_retry)
+        except ValueError as e:
+            raise SearchSpaceError(str(e)) from None
         self.hydra_context: HydraContext | None = None
         self.config: DictConfig | None = None
         self.launcher = None
@@ -250,7 +258,7 @@ class OptunaSweeper(Sweeper):
         sampler = study_lib.make_sampler(self.sampler_name, self.seed, self.sampler_kwargs, space)
         is_grid = isinstance(sampler, optuna.samplers.GridSampler)
         target = self.n_trials or (space.grid_size() if is_grid else 20)
-        storage = open_storage(self.storage)
+        storage = open_storage(self.storage, self.heartbeat.storage_kwargs())
         with store_lock(resolve_storage(self.storage)):
             study = optuna.create_study(
                 storage=storage,
@@ -281,9 +289,17 @@ class OptunaSweeper(Sweeper):
 
     def _work(self, s: _Study, progress: _Progress | None) -> None:
         """Claim and run trials of one study until none is left to claim (or, in a worker,
-        until its coordinator is gone: an orphan finishes its trial and claims no other)."""
-        while workers_lib.coordinator_alive() and (batch := self._claim(s, progress)):
-            self._run(s.study, batch, progress)
+        until its coordinator is gone: an orphan finishes its trial and claims no other).
+        With the heartbeat on, a worker with nothing to claim stays while other workers' trials
+        run: if one of them dies, its trial goes stale and this worker runs the retry."""
+        while workers_lib.coordinator_alive():
+            batch = self._claim(s, progress)
+            if batch:
+                self._run(s.study, batch, progress)
+            elif heartbeat_lib.awaited(s.study):
+                time.sleep(1.0)  # not the interval: this worker is done as soon as the others are
+            else:
+                break
 
     def _coordinate(self, opened: list[_Study], sweep_dir: Path) -> None:
         """Start the workers, draw the progress line until they exit, stop them on an error."""
@@ -341,19 +357,22 @@ class OptunaSweeper(Sweeper):
     def _claim(self, s: _Study, progress: _Progress | None) -> list[tuple[Trial, list[str]]]:
         """Claim up to n_jobs trials; skip (tell FAIL, `skipped`) those whose config is invalid."""
         batch = []
+        # Trials of lost workers first: failed and queued again, they are claimed like the rest.
+        retrying(lambda: heartbeat_lib.fail_stale(s.study, self.heartbeat), "failing stale trials")
         while len(batch) < self.n_jobs:
             trial = retrying(lambda: study_lib.claim(s.study), "claiming a trial")
             if trial is None and not s.is_grid:
                 trial = self._ask_new(s)
             if trial is None:
                 break
+            heartbeat_lib.begin(s.study._storage, trial._trial_id)
             overrides = s.space.overrides(s.space.suggest(trial))
             trial.set_user_attr("overrides", " ".join(overrides))
             reason = self._invalid(overrides)
             if reason is not None:
                 log.warning("trial %d skipped: %s (%s)", trial.number, reason, " ".join(overrides))
                 trial.set_user_attr("skipped", reason)
-                s.study.tell(trial, state=TrialState.FAIL)
+                study_lib.tell(s.study, trial, state=TrialState.FAIL)
                 if progress is not None:
                     progress.update(s.study, trial.number, "skipped", None, launched=False)
             else:
@@ -368,7 +387,8 @@ class OptunaSweeper(Sweeper):
             held = sum(c[k] for k in study_lib.OUTCOMES) + c["running"] + c["waiting"]
             if held >= s.target:
                 return None
-            trial = s.study.ask()
+            with heartbeat_lib.quiet():
+                trial = s.study.ask()
             s.study._storage.set_trial_system_attr(trial._trial_id, "worker", study_lib.worker())
             return trial
 
@@ -398,7 +418,8 @@ class OptunaSweeper(Sweeper):
             for trial, overrides in batch:
                 log.info("trial %d: %s", trial.number, " ".join(overrides))
             tic = time.perf_counter()
-            results = self.launcher.launch([o for _, o in batch], initial_job_idx=first)
+            with heartbeat_lib.Beating(study._storage, [trial._trial_id for trial, _ in batch]):
+                results = self.launcher.launch([o for _, o in batch], initial_job_idx=first)
             elapsed = (time.perf_counter() - tic) / len(batch)
             for (trial, _), ret in zip(batch, results):
                 state, value = self._tell(study, trial, ret)
@@ -412,9 +433,7 @@ class OptunaSweeper(Sweeper):
                 if trial.number not in told:
                     why = str(e) if isinstance(e, Interrupted) else f"{type(e).__name__}: {e}"
                     reason = f"interrupted: {why}"
-                    trial.set_user_attr("interrupted", True)
-                    trial.set_user_attr("fail_reason", reason[:1000])
-                    study.tell(trial, state=TrialState.FAIL)
+                    study_lib.tell(study, trial, state=TrialState.FAIL, interrupted=True, fail_reason=reason[:1000])
             raise
         finally:
             for number in numbers:
@@ -429,11 +448,12 @@ class OptunaSweeper(Sweeper):
                 return self._fail(study, trial, f"the task returned {value!r}, not a number (the objective)")
             if not math.isfinite(value):
                 return self._fail(study, trial, f"the objective is {value}")
-            study.tell(trial, value)
+            if not study_lib.tell(study, trial, value):
+                return "lost", None
             return "complete", value
         error = ret._return_value
         if isinstance(error, optuna.TrialPruned):
-            study.tell(trial, state=TrialState.PRUNED)
+            study_lib.tell(study, trial, state=TrialState.PRUNED)
             log.info("trial %d pruned: %s", trial.number, error)
             return "pruned", None
         log.error("trial %d failed", trial.number, exc_info=error)
@@ -441,8 +461,8 @@ class OptunaSweeper(Sweeper):
 
     @staticmethod
     def _fail(study: optuna.Study, trial: Trial, reason: str) -> tuple[str, None]:
-        trial.set_user_attr("fail_reason", reason[:1000])
-        study.tell(trial, state=TrialState.FAIL)
+        if not study_lib.tell(study, trial, state=TrialState.FAIL, fail_reason=reason[:1000]):
+            return "lost", None
         log.warning("trial %d FAILED: %s", trial.number, reason)
         return "failed", None
 

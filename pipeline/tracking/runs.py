@@ -16,7 +16,7 @@ from typing import Any
 import mlflow
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
-from pipeline.tracking.schema import FAILURE_REASON_MAX, TRUE, Tag
+from pipeline.tracking.schema import FAILURE_REASON_MAX, TRIAL_RUN_ATTR, TRUE, Tag
 from pipeline.tracking.views import ensure_experiment
 
 PARENT_ENV = "PIPELINE_PARENT_RUN_ID"  # set by the sweep callback for its child runs
@@ -55,6 +55,7 @@ def git_commit() -> str:
 
 def start_run(uri: str, study: str, run_name: str, tags: dict[str, str], system_metrics: bool) -> mlflow.ActiveRun:
     """Start a run in the study's experiment; a child of the sweep's parent run when inside one."""
+    from hydra_plugins.pipeline_optuna_sweeper import current_trial
     from hydra_plugins.pipeline_optuna_sweeper.study import worker
     from pipeline.tracking.stores import prepared
 
@@ -65,12 +66,16 @@ def start_run(uri: str, study: str, run_name: str, tags: dict[str, str], system_
     if os.environ.get(TRIAL_ENV):
         tags[Tag.TRIAL] = os.environ[TRIAL_ENV]
         tags[Tag.WORKER] = worker()  # host:pid; a resumed sweep ends a dead worker's run KILLED
-    return mlflow.start_run(
+    active = mlflow.start_run(
         run_name=run_name,
         tags=tags,
         parent_run_id=os.environ.get(PARENT_ENV) or None,
         log_system_metrics=system_metrics,
     )
+    trial = current_trial()
+    if trial is not None:  # a worker that finds this trial stale ends this run (tracking/sweep.py)
+        trial.set_user_attr(TRIAL_RUN_ATTR, active.info.run_id)
+    return active
 
 
 def log_params(params: dict[str, Any]) -> None:

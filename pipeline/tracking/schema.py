@@ -60,6 +60,9 @@ class Tag:
 
 
 FAILURE_REASON_MAX = 5000  # characters kept of a failure reason (MLflow's tag limit is 8000)
+# Optuna user attribute of a sweep trial: the run id of its child run, so that a worker that
+# finds the trial stale (its worker lost) ends that run KILLED (pipeline.tracking.sweep).
+TRIAL_RUN_ATTR = "mlflow_run_id"
 
 
 class Metric:

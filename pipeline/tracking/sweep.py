@@ -24,13 +24,13 @@ from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins.pipeline_optuna_sweeper import current_trial, is_worker, last_summary
-from hydra_plugins.pipeline_optuna_sweeper._hooks import before_workers
+from hydra_plugins.pipeline_optuna_sweeper._hooks import before_workers, on_trial_lost
 from hydra_plugins.pipeline_optuna_sweeper._interrupt import received
 from hydra_plugins.pipeline_optuna_sweeper.storage import resolve_storage
 from hydra_plugins.pipeline_optuna_sweeper.study import worker, worker_dead
 from hydra_plugins.pipeline_optuna_sweeper.sweeper import format_summary
 from pipeline.tracking.runs import PARENT_ENV, TRIAL_ENV
-from pipeline.tracking.schema import TRUE, Artifact, Metric, Tag, sweep_outcome, sweep_runs
+from pipeline.tracking.schema import TRIAL_RUN_ATTR, TRUE, Artifact, Metric, Tag, sweep_outcome, sweep_runs
 from pipeline.tracking.stores import busy_timeout, prepared
 from pipeline.tracking.uri import check_store, redact, resolve_tracking_uri, sqlite_path
 from pipeline.tracking.views import ensure_experiment
@@ -99,6 +99,7 @@ class MLflowSweepCallback(HydraCallback):
         self.uri = resolve_tracking_uri(OmegaConf.select(config, "tracking.uri"))
         check_store(self.uri, "MLflow store")  # before any point is checked or launched
         self.config = config
+        on_trial_lost(self._end_lost_run)  # any process that claims trials may find a lost one
         if is_worker() and os.environ.get(PARENT_ENV):  # a worker process: its coordinator's run
             self.parent_id, self.joined = os.environ[PARENT_ENV], True
             return
@@ -201,6 +202,20 @@ class MLflowSweepCallback(HydraCallback):
                 self.client.set_tag(run.info.run_id, Tag.FAILURE_REASON, "interrupted: the sweep process died")
                 self.client.set_terminated(run.info.run_id, status="KILLED")
                 log.warning("child run %s was left RUNNING by a dead sweep: marked KILLED", run.info.run_id)
+
+    def _end_lost_run(self, trial: optuna.trial.FrozenTrial) -> None:
+        """The child run of a trial failed as stale (its worker sent no heartbeat: killed, or its
+        machine gone) ends KILLED, like the run of an interrupted trial; its retry is a new run."""
+        run_id = trial.user_attrs.get(TRIAL_RUN_ATTR)
+        if not run_id or self.uri is None:
+            return
+        run = self.client.get_run(run_id)
+        if run.info.status != "RUNNING":
+            return
+        reason = f"interrupted: {trial.user_attrs.get('fail_reason', 'worker lost')} (trial {trial.number})"
+        self.client.set_tag(run_id, Tag.FAILURE_REASON, reason)
+        self.client.set_terminated(run_id, status="KILLED")
+        log.warning("child run %s of trial %d ended KILLED: its worker was lost", run_id, trial.number)
 
     def _summary(self) -> dict[str, Any]:
         runs = self._children()

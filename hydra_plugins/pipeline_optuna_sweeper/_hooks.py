@@ -1,4 +1,5 @@
-"""Calls the coordinator makes just before it starts its worker processes.
+"""Calls the coordinator makes just before it starts its worker processes (or submits them as
+jobs), and whether it submitted them.
 
 The MLflow sweep callback creates the sweep's parent run lazily, when the first job starts (so a
 sweep that launches nothing leaves no run); a coordinator launches no job itself, so it asks for
@@ -23,3 +24,16 @@ def before_workers(fn: Callable[[], None]) -> None:
 def starting_workers() -> None:
     for fn in list(_BEFORE_WORKERS):
         fn()
+
+
+_SUBMITTED: list[bool] = []
+
+
+def submitted() -> None:
+    """Record that this process submitted the sweep's workers as jobs and returns without them:
+    the sweep's end (summary, parent run closed) is then for its last worker, not this process."""
+    _SUBMITTED.append(True)
+
+
+def jobs_submitted() -> bool:
+    return bool(_SUBMITTED)

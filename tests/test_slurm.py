@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
+from hydra_plugins.pipeline_optuna_sweeper import study as study_lib
 from tests.test_sweeper import APP, TINY, _env, _runs, _study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -57,21 +60,33 @@ def _wait_for_jobs(pids: list[int], timeout_s: float) -> None:
         time.sleep(1.0)
 
 
+@pytest.fixture
+def jobs() -> Iterator[list[int]]:
+    """Pids of the local jobs a test submitted; any still running at teardown (a failed test)
+    get SIGTERM, which submitit's controller passes on and the job's supervisor to its workers."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, signal.SIGTERM)
+
+
 def _job_outputs(tmp_path: Path) -> str:
     return "".join(p.read_text() for p in tmp_path.glob("multirun/**/submitit/*/*_log.*"))
 
 
-def test_two_local_jobs_run_the_grid_once_after_the_command_returned(tmp_path):
+def test_two_local_jobs_run_the_grid_once_after_the_command_returned(tmp_path, jobs):
     cmd = [sys.executable, str(APP), "-m", *LOCAL, "x=choice(0,1,2,3)", "sleep=0.5"]
     r, took = _submit(cmd, tmp_path, _env(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
     at_return = _study(tmp_path, "toy").trials
     ids = _job_ids(r.stdout)
+    jobs.extend(int(i) for i in ids)
     assert len(ids) == 2 and "kill " in r.stdout and "resume:" in r.stdout
     # The command returned with the study queued, not run: no trial had finished.
     assert len(at_return) == 4 and not [t for t in at_return if t.state.is_finished()], took
 
-    _wait_for_jobs([int(i) for i in ids], timeout_s=300)
+    _wait_for_jobs(jobs, timeout_s=300)
     trials = _study(tmp_path, "toy").trials
     assert sorted(t.params["x"] for t in trials) == [0, 1, 2, 3]  # each point once
     assert all(t.state == TrialState.COMPLETE for t in trials), [t.state for t in trials]
@@ -86,17 +101,18 @@ def test_two_local_jobs_run_the_grid_once_after_the_command_returned(tmp_path):
 
 
 @pytest.mark.slow  # 228 s on a 2-core machine at load ~10: each job starts the pipeline, 4 tiny trials
-def test_two_local_jobs_finish_a_pipeline_grid_in_one_parent_run(tmp_path):
+def test_two_local_jobs_finish_a_pipeline_grid_in_one_parent_run(tmp_path, jobs):
     cmd = [sys.executable, "-m", "pipeline.train", "-m", *LOCAL, "study=jobs", *TINY]
     cmd += ["model/pos_enc=choice(rope,alibi)", "model/norm=choice(layernorm,rmsnorm)"]
     r, took = _submit(cmd, tmp_path, _env(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
+    jobs.extend(int(i) for i in _job_ids(r.stdout))
     at_return = _study(tmp_path, "jobs").trials
     (parent,), children = _runs(tmp_path, "jobs")
     assert parent.info.status == "RUNNING" and not children  # open for the jobs' workers
     assert len(at_return) == 4 and not [t for t in at_return if t.state.is_finished()], took
 
-    _wait_for_jobs([int(i) for i in _job_ids(r.stdout)], timeout_s=600)
+    _wait_for_jobs(jobs, timeout_s=600)
     trials = _study(tmp_path, "jobs").trials
     assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
     (parent,), children = _runs(tmp_path, "jobs")
@@ -107,6 +123,33 @@ def test_two_local_jobs_finish_a_pipeline_grid_in_one_parent_run(tmp_path):
         (p, n) for p in ("rope", "alibi") for n in ("layernorm", "rmsnorm")
     )
     assert len({c.data.tags["worker"] for c in children}) == 2  # both jobs' workers ran trials
+
+
+@pytest.mark.slow  # two minutes for the time limit, then the resumed grid
+def test_a_job_at_its_time_limit_ends_its_trial_interrupted_and_a_resume_finishes_the_grid(tmp_path, jobs):
+    grid = [sys.executable, str(APP), "-m", *LOCAL, "x=choice(0,1)"]
+    # One job of 2 minutes, warned 30 s before the end (its worker then has 22 s to record its
+    # trial), not requeued; a trial would take 1000 s.
+    limit = ["hydra.launcher.jobs=1", "hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=30"]
+    limit += ["hydra.launcher.max_num_timeout=0", "sleep=10", "steps=100"]
+    r, _ = _submit([*grid, *limit], tmp_path, _env(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    jobs.extend(int(i) for i in _job_ids(r.stdout))
+    _wait_for_jobs(jobs, timeout_s=300)
+    out = _job_outputs(tmp_path)
+    assert "stopping 1 workers" in out and "timed-out too many times" in out, out[-3000:]
+    trials = _study(tmp_path, "toy").trials
+    assert [t.params["x"] for t in trials if t.user_attrs.get("interrupted")] == [0]  # FAIL, retried on resume
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]  # nothing left RUNNING
+
+    jobs.clear()
+    r, _ = _submit([*grid, "sleep=0.1"], tmp_path, _env(tmp_path))  # the same command, resumed
+    assert r.returncode == 0, r.stderr[-3000:]
+    jobs.extend(int(i) for i in _job_ids(r.stdout))
+    assert len(jobs) == 2  # the retry of x=0 and the never-started x=1
+    _wait_for_jobs(jobs, timeout_s=300)
+    latest = study_lib.latest_attempts(_study(tmp_path, "toy"))
+    assert sorted((t.params["x"], t.state) for t in latest) == [(0, TrialState.COMPLETE), (1, TrialState.COMPLETE)]
 
 
 def _fake_sbatch(folder: Path) -> Path:
@@ -168,20 +211,15 @@ def test_slurm_submits_one_array_of_worker_jobs_and_prints_how_to_follow_it(tmp_
     assert "#SBATCH --array=0-1%2" in (tmp_path / "sbatch.sh").read_text()
 
 
-def test_slurm_without_sbatch_is_refused_in_one_line_before_anything_exists(tmp_path):
-    env = _env(tmp_path)
-    env["PATH"] = str(Path(sys.executable).parent)  # no sbatch on it
-    r = subprocess.run(
-        [sys.executable, "-m", "pipeline.train", "-m", "hydra/sweeper=optuna", "hydra/launcher=submitit_slurm"]
-        + ["seed=0,1", *TINY],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 2, r.stderr[-3000:]
-    assert r.stderr.strip().splitlines() == [
+def test_slurm_without_sbatch_is_refused_in_one_line_before_anything_exists(tmp_path, monkeypatch, capfd):
+    from pipeline import train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))  # no sbatch on it
+    rc = train.main(["-m", "hydra/sweeper=optuna", "hydra/launcher=submitit_slurm", "seed=0,1", *TINY])
+    assert rc == 2
+    assert capfd.readouterr().err.strip().splitlines() == [
         "error: hydra/launcher=submitit_slurm: there is no `sbatch` on PATH; submit from a SLURM login node, "
         "or try the same jobs on this machine with hydra/launcher=submitit_local"
     ]

@@ -35,5 +35,10 @@ def submitted() -> None:
     _SUBMITTED.append(True)
 
 
+def clear_submitted() -> None:
+    """At the start of a sweep (several can run in one process, e.g. in tests)."""
+    _SUBMITTED.clear()
+
+
 def jobs_submitted() -> bool:
     return bool(_SUBMITTED)

@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,5 +86,34 @@ class WorkerJob:
         import submitit
 
         print(f"preempted or near the time limit: stopping {len(self._running)} workers", flush=True)
-        workers_lib.stop(self._running, grace_s=self.stop_grace_s)
+        stop_in_handler([w.proc for w in self._running], self.stop_grace_s)
         return submitit.helpers.DelayedSubmission(dataclasses.replace(self, _running=[]))
+
+
+def stop_in_handler(procs: list[subprocess.Popen], grace_s: float) -> None:
+    """SIGINT to `procs`, wait until they exit (SIGKILL after `grace_s`), from a signal handler.
+
+    The handler runs inside `__call__`'s `Popen.wait()`, which holds that Popen's waitpid lock:
+    a second `wait()` here would deadlock. So exits are watched with waitid(WNOWAIT), which
+    leaves the child to be reaped by the interrupted `wait()` (Linux; elsewhere, poll())."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + grace_s
+    pending = [p for p in procs if not _exited(p)]
+    while pending and time.monotonic() < deadline:
+        time.sleep(0.2)
+        pending = [p for p in pending if not _exited(p)]
+    for p in pending:
+        os.kill(p.pid, signal.SIGKILL)
+
+
+def _exited(p: subprocess.Popen) -> bool:
+    if p.returncode is not None:
+        return True
+    if not hasattr(os, "waitid"):
+        return p.poll() is not None
+    try:
+        return os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # already reaped
+        return True

@@ -141,6 +141,7 @@ class OptunaSweeper(Sweeper):
         sweep_dir = Path(self.config.hydra.sweep.dir).absolute()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         worker = workers_lib.is_worker()
+        _hooks.clear_submitted()
         if not worker:
             saved = copy.deepcopy(self.config)
             if saved.hydra.sweeper.get("storage"):  # the sweep's record never shows a password

@@ -76,7 +76,7 @@ def _job_outputs(tmp_path: Path) -> str:
 
 
 def test_two_local_jobs_run_the_grid_once_after_the_command_returned(tmp_path, jobs):
-    cmd = [sys.executable, str(APP), "-m", *LOCAL, "x=choice(0,1,2,3)", "sleep=0.5"]
+    cmd = [sys.executable, str(APP), "-m", *LOCAL, "x=choice(0,1,2,3)", "sleep=0.2"]
     r, took = _submit(cmd, tmp_path, _env(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
     at_return = _study(tmp_path, "toy").trials

@@ -70,16 +70,18 @@ class SubmititWorkersLauncher(BasicLauncher):
         self,
         command: list[str],
         sweep_dir: Path,
-        n_jobs: int,
+        trials_left: int,
         workers: int | str,
         threads: int | str,
         slots_per_gpu: int,
         name: str,
     ) -> list[str]:
-        """Submit `n_jobs` worker jobs (one array on SLURM); print and return their ids."""
+        """Submit `jobs` worker jobs, no more than `trials_left` (one array on SLURM); print
+        and return their ids."""
         from ._submitit_job import WorkerJob
 
         s = self.settings
+        n_jobs = min(s["jobs"], trials_left)
         env = {k: v for k, v in os.environ.items() if k.startswith("PIPELINE_")}
         job = WorkerJob(
             command=command,

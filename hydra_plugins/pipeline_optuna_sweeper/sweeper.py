@@ -348,11 +348,10 @@ class OptunaSweeper(Sweeper):
         job runs `workers` workers (0: auto, one per GPU or CPU core of the job)."""
         assert self.config is not None
         _hooks.starting_workers()  # the MLflow parent run, which the jobs' workers join
-        n_jobs = min(int(self.config.hydra.launcher.jobs), _trials_left(opened))
         submit(
             command=workers_lib.command(self.config, sweep_dir),
             sweep_dir=sweep_dir,
-            n_jobs=n_jobs,
+            trials_left=_trials_left(opened),
             workers=self.workers or "auto",
             threads=self.threads_per_worker,
             slots_per_gpu=self.slots_per_gpu,

@@ -100,7 +100,7 @@ def test_two_local_jobs_run_the_grid_once_after_the_command_returned(tmp_path, j
     assert '"complete": 4' in summary
 
 
-@pytest.mark.slow  # 228 s on a 2-core machine at load ~10: each job starts the pipeline, 4 tiny trials
+@pytest.mark.slow  # 100-230 s on a shared 2-core machine: each job starts the pipeline, 4 tiny trials
 def test_two_local_jobs_finish_a_pipeline_grid_in_one_parent_run(tmp_path, jobs):
     cmd = [sys.executable, "-m", "pipeline.train", "-m", *LOCAL, "study=jobs", *TINY]
     cmd += ["model/pos_enc=choice(rope,alibi)", "model/norm=choice(layernorm,rmsnorm)"]

@@ -13,7 +13,7 @@ import yaml
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf.errors import OmegaConfBaseException
 
-from hydra_plugins.pipeline_optuna_sweeper._errors import InvalidSweepError, SearchSpaceError
+from hydra_plugins.pipeline_optuna_sweeper._errors import InvalidSweepError, LauncherSettingError, SearchSpaceError
 from pipeline.run.spec import INVALID_CONFIG
 from pipeline.tracking.uri import StoreError
 
@@ -23,13 +23,14 @@ USAGE_ERRORS: tuple[type[BaseException], ...] = (
     *INVALID_CONFIG,
     StoreError,
     SearchSpaceError,
+    LauncherSettingError,
     InvalidSweepError,
     HydraException,
     OmegaConfBaseException,
     yaml.YAMLError,  # a config or study file that is not (safe) YAML
 )
 
-_OURS = (*INVALID_CONFIG, StoreError, SearchSpaceError, InvalidSweepError)
+_OURS = (*INVALID_CONFIG, StoreError, SearchSpaceError, LauncherSettingError, InvalidSweepError)
 
 # Lines of Hydra's and OmegaConf's messages that point at internals, not at the user's input.
 _NOISE = (

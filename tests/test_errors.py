@@ -1,7 +1,7 @@
 """Every row of docs/errors.md: bad input exits 2 with one line, before compute, recording nothing.
 
 The commands run in-process (`main(argv)`, the console scripts' entry point) in a scratch
-folder, so the table's 33 cases take seconds, not minutes; tests/test_train.py runs some of
+folder, so the table's 35 cases take seconds, not minutes; tests/test_train.py runs some of
 them through a real subprocess too.
 """
 
@@ -74,6 +74,18 @@ CASES: dict[str, tuple[Callable, list[str], Callable[[Path], None] | None, str]]
         [*OPTUNA, "hydra.sweeper.grace_period=5", "seed=0,1"],
         None,
         "hydra.sweeper.grace_period=5 is not valid; use a number of seconds above heartbeat_interval (10)",
+    ),
+    "bad_launcher_setting": (
+        train.main,
+        [*OPTUNA, "hydra/launcher=submitit_local", "hydra.launcher.jobs=0", "seed=0,1"],
+        None,
+        "hydra.launcher.jobs=0 is not valid; use an integer >= 1",
+    ),
+    "launcher_needs_optuna": (
+        train.main,
+        ["-m", "hydra/launcher=submitit_local", "seed=0,1"],
+        None,
+        "hydra/launcher=submitit_local submits workers of an Optuna study; add hydra/sweeper=optuna",
     ),
     "all_points_invalid": (
         train.main,

@@ -11,6 +11,10 @@ class SearchSpaceError(ValueError):
     """An override or sweeper setting that this sweeper cannot use."""
 
 
+class LauncherSettingError(ValueError):
+    """A `hydra.launcher` setting (or launcher/sweeper pairing) that cannot submit workers."""
+
+
 class InvalidSweepError(ValueError):
     """Every point of a sweep is invalid: nothing was launched and no run exists."""
 

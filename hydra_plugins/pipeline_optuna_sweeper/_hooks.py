@@ -1,5 +1,5 @@
-"""Calls the sweeper makes to code outside it: before it starts its worker processes, and
-when it fails a trial whose worker was lost.
+"""Calls the sweeper makes to code outside it: before it starts its worker processes (or
+submits them as jobs), whether it submitted them, and when it fails a trial whose worker was lost.
 
 The MLflow sweep callback creates the sweep's parent run lazily, when the first job starts (so a
 sweep that launches nothing leaves no run); a coordinator launches no job itself, so it asks for
@@ -48,3 +48,21 @@ def trial_lost(trial: Any) -> None:
             fn(trial)
         except Exception as e:  # ending a run elsewhere must not stop this worker
             log.warning("after trial %s was lost, %s failed: %s", getattr(trial, "number", "?"), fn, e)
+
+
+_SUBMITTED: list[bool] = []
+
+
+def submitted() -> None:
+    """Record that this process submitted the sweep's workers as jobs and returns without them:
+    the sweep's end (summary, parent run closed) is then for its last worker, not this process."""
+    _SUBMITTED.append(True)
+
+
+def clear_submitted() -> None:
+    """At the start of a sweep (several can run in one process, e.g. in tests)."""
+    _SUBMITTED.clear()
+
+
+def jobs_submitted() -> bool:
+    return bool(_SUBMITTED)

@@ -1,4 +1,5 @@
-"""The sweeper's config, registered as `hydra/sweeper=optuna`."""
+"""The sweeper's config, registered as `hydra/sweeper=optuna`, and the launcher that submits its
+workers as cluster jobs, `hydra/launcher=submitit_slurm` (`submitit_local` to try it on one machine)."""
 
 from __future__ import annotations
 
@@ -72,6 +73,52 @@ class OptunaSweeperConf:
     retry_failed: bool = False
 
 
+@dataclass
+class SubmititWorkersConf:
+    """Worker jobs for the study, submitted through submitit (submitit_launcher.py). Each job
+    runs `hydra.sweeper.workers` workers (0 or auto: one per GPU of the job, else one per CPU
+    core), which claim trials from the shared Optuna storage until none is left."""
+
+    _target_: str = "hydra_plugins.pipeline_optuna_sweeper.submitit_launcher.SubmititWorkersLauncher"
+
+    # slurm: one sbatch job array; local: the same jobs as processes on this machine
+    # (submitit's LocalExecutor), to try a setup before the cluster.
+    cluster: str = "slurm"
+    # Worker jobs to submit (capped at the trials left to run).
+    jobs: int = 2
+    # Per job: wall-clock limit, CPUs, GPUs, memory (null: the partition's default).
+    timeout_min: int = 240
+    cpus_per_job: int = 8
+    gpus_per_job: int = 0
+    mem_gb: Optional[float] = None
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    # At most this many of the jobs at once (null: all of them).
+    array_parallelism: Optional[int] = None
+    # Shell lines run before the job's Python starts, e.g. ["module load cuda", "source .venv/bin/activate"].
+    setup: list[str] = field(default_factory=list)
+    # Any other sbatch option, e.g. {mail-type: END, exclude: node07}.
+    additional_parameters: dict[str, Any] = field(default_factory=dict)
+    # Seconds before the time limit (or on preemption) when the job's workers are told to stop:
+    # their trials end interrupted (retried on the next submit) and the job is requeued,
+    # at most max_num_timeout times.
+    signal_delay_s: int = 120
+    max_num_timeout: int = 3
+    # submitit's job files and logs (%j: the job id); on SLURM a folder every node can read.
+    folder: str = "${hydra.sweep.dir}/submitit/%j"
+    # The job name squeue shows; null: the study name.
+    name: Optional[str] = None
+
+
 ConfigStore.instance().store(
     group="hydra/sweeper", name="optuna", node=OptunaSweeperConf, provider="pipeline_optuna_sweeper"
 )
+for _cluster in ("slurm", "local"):
+    ConfigStore.instance().store(
+        group="hydra/launcher",
+        name=f"submitit_{_cluster}",
+        node=SubmititWorkersConf(cluster=_cluster),
+        provider="pipeline_optuna_sweeper",
+    )

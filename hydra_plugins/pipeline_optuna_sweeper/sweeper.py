@@ -149,6 +149,7 @@ class OptunaSweeper(Sweeper):
         sweep_dir = Path(self.config.hydra.sweep.dir).absolute()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         worker = workers_lib.is_worker()
+        _hooks.clear_submitted()
         if not worker:
             saved = copy.deepcopy(self.config)
             if saved.hydra.sweeper.get("storage"):  # the sweep's record never shows a password
@@ -163,11 +164,17 @@ class OptunaSweeper(Sweeper):
         try:
             with interruptible():
                 opened = [self._open(name, sub) for name, sub in studies]
+                submit = getattr(self.launcher, "submit_workers", None)  # hydra/launcher=submitit_*
                 if worker:
                     for s in opened:
                         self._work(s, progress=None)
-                    return {}  # the coordinator reports the study
-                if self.workers:
+                    if not (workers_lib.is_submitted() and _settled(opened)):
+                        return {}  # the coordinator, or the last submitted worker, reports the study
+                elif submit is not None:
+                    if _trials_left(opened):
+                        self._submit(submit, opened, sweep_dir)
+                        return {}  # the jobs run the study; this command only submitted them
+                elif self.workers:
                     self._coordinate(opened, sweep_dir)
                 else:
                     for s in opened:
@@ -181,6 +188,8 @@ class OptunaSweeper(Sweeper):
         _LAST_SUMMARY = summary
         (sweep_dir / "optuna_summary.json").write_text(json.dumps(summary, indent=2, default=str))
         log.info("\n%s", format_summary(summary))
+        if worker:  # the last submitted worker: the summary goes to the MLflow parent run
+            return summary
         counts = summary["counts"]
         launched = counts["complete"] + counts["pruned"] + counts["failed"]
         if counts["skipped"] and not launched:
@@ -349,6 +358,22 @@ class OptunaSweeper(Sweeper):
             raise SweepFailedError(
                 f"{'; '.join(crashed)}; {left} trials are still queued: run the command again to finish them"
             )
+
+    def _submit(self, submit: Callable[..., list[str]], opened: list[_Study], sweep_dir: Path) -> None:
+        """Submit worker jobs (no more than there are trials to run) and return at once; each
+        job runs `workers` workers (0: auto, one per GPU or CPU core of the job)."""
+        assert self.config is not None
+        _hooks.starting_workers()  # the MLflow parent run, which the jobs' workers join
+        submit(
+            command=workers_lib.command(self.config, sweep_dir),
+            sweep_dir=sweep_dir,
+            trials_left=_trials_left(opened),
+            workers=self.workers or "auto",
+            threads=self.threads_per_worker,
+            slots_per_gpu=self.slots_per_gpu,
+            name=self.resolve_study_name(),
+        )
+        _hooks.submitted()
 
     def resolve_study_name(self) -> str:
         assert self.config is not None
@@ -523,6 +548,23 @@ def _compose_once(loader: Any) -> None:
 
     loader.load_sweep_config = load_sweep_config
     loader._pipeline_compose_once = True
+
+
+def _trials_left(opened: list[_Study]) -> int:
+    """Trials still to run: queued ones, and for a sampler that asks, those below the target."""
+    left = 0
+    for s in opened:
+        c = study_lib.counts(s.study)
+        held = sum(c[k] for k in study_lib.OUTCOMES) + c["running"] + c["waiting"]
+        left += c["waiting"] + (0 if s.is_grid else max(s.target - held, 0))
+    return left
+
+
+def _settled(opened: list[_Study]) -> bool:
+    """Nothing left to run and nothing running: the study's last worker may report it."""
+    if _trials_left(opened):
+        return False
+    return not any(s.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) for s in opened)
 
 
 def _n_waiting(studies: list[optuna.Study]) -> int:

@@ -10,6 +10,7 @@ terminal, joins the study the same way.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -28,11 +29,18 @@ from . import study as study_lib
 
 ROLE_ENV = "PIPELINE_SWEEP_WORKER"  # set in a worker process: its index
 COORDINATOR_ENV = "PIPELINE_SWEEP_COORDINATOR"  # the coordinator's pid
+SUBMITTED_ENV = "PIPELINE_SWEEP_JOB"  # set in a worker of a submitted job (submitit): the job id
 THREAD_ENVS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def is_worker() -> bool:
     return ROLE_ENV in os.environ
+
+
+def is_submitted() -> bool:
+    """True in a worker started by a submitted job (hydra/launcher=submitit_*), whose sweeping
+    command has exited: the last such worker to finish closes the sweep."""
+    return is_worker() and SUBMITTED_ENV in os.environ
 
 
 def coordinator_alive() -> bool:
@@ -155,22 +163,32 @@ class Worker:
     log_path: Path
 
 
-def start(cmd: list[str], slot: Slot, log_dir: Path) -> Worker:
+def start(cmd: list[str], slot: Slot, log_dir: Path, ignore: tuple[int, ...] = ()) -> Worker:
+    """Start one worker; `ignore`: signals it ignores (a submitted job's preemption signal,
+    which its supervisor handles for it)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / f"worker-{slot.index}.log"
     env = {**os.environ, **slot.env(), COORDINATOR_ENV: str(os.getpid())}
     with open(path, "ab") as out:  # the child keeps its own descriptor
         proc = subprocess.Popen(
-            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=default_sigint, close_fds=True
+            cmd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=functools.partial(default_sigint, ignore),
+            close_fds=True,
         )
     return Worker(slot, proc, path)
 
 
-def default_sigint() -> None:
+def default_sigint(ignore: tuple[int, ...] = ()) -> None:
     """In a child before exec: SIGINT back to its default, so Python turns it into
     KeyboardInterrupt even when this command runs in the background of a shell script
-    (which starts it with SIGINT ignored, and an ignored signal stays ignored across exec)."""
+    (which starts it with SIGINT ignored, and an ignored signal stays ignored across exec);
+    the signals in `ignore` ignored, for the same reason."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    for s in ignore:
+        signal.signal(s, signal.SIG_IGN)
 
 
 def stop(workers: list[Worker], grace_s: float = 30.0) -> None:

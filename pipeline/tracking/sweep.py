@@ -4,7 +4,9 @@
   parent run in the study's experiment, every job a child run (through PIPELINE_PARENT_RUN_ID,
   read by pipeline.tracking). Works with the basic sweeper and with `hydra/sweeper=optuna`; an
   Optuna sweep that is rerun (resumed) reuses its parent run, and its worker processes join
-  the parent run their coordinator made.
+  the parent run their coordinator made. When the workers were submitted as jobs
+  (hydra/launcher=submitit_*), the submitting command leaves the parent run open and the last
+  worker to finish (the sweeper hands it the summary) closes it.
 - `trial_callbacks(cfg)`: the Lightning callbacks a training run needs inside an Optuna trial
   (pruning on val/loss); [] outside a sweep.
 """
@@ -24,7 +26,7 @@ from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins.pipeline_optuna_sweeper import current_trial, is_worker, last_summary
-from hydra_plugins.pipeline_optuna_sweeper._hooks import before_workers, on_trial_lost
+from hydra_plugins.pipeline_optuna_sweeper._hooks import before_workers, jobs_submitted, on_trial_lost
 from hydra_plugins.pipeline_optuna_sweeper._interrupt import received
 from hydra_plugins.pipeline_optuna_sweeper.storage import resolve_storage
 from hydra_plugins.pipeline_optuna_sweeper.study import worker, worker_dead
@@ -147,7 +149,13 @@ class MLflowSweepCallback(HydraCallback):
         os.environ[TRIAL_ENV] = str(trial.number if trial is not None else config.hydra.job.num)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if self.uri is None or self.joined:
+        if self.uri is None:
+            return
+        if self.joined and last_summary() is None:  # a worker; the coordinator reports the sweep
+            return
+        if jobs_submitted():  # the submitted jobs' last worker reports it (a joined worker, above)
+            log.info("sweep run %s stays open until the submitted workers finish", self.parent_id)
+            self.parent_id = None
             return
         if self.parent_id is None:  # nothing launched this time: update a resumed sweep's parent only
             key = _optuna_study_key(config)

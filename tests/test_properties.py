@@ -5,6 +5,7 @@ path `python -m pipeline.train` takes before any data is read."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -77,8 +78,11 @@ def _outcome(overrides: list[str]) -> str:
 
 
 # No shrinking: a failure is reported as found (shrinking a Hydra compose takes minutes).
+# Derandomized: the default suite draws the same examples every run, so CI is not a lottery;
+# explore more with HYPOTHESIS_EXAMPLES=500 HYPOTHESIS_RANDOM=1 make test PYTEST_ARGS=tests/test_properties.py.
 SETTINGS = settings(
-    max_examples=30,
+    max_examples=int(os.environ.get("HYPOTHESIS_EXAMPLES", 30)),
+    derandomize=not os.environ.get("HYPOTHESIS_RANDOM"),
     deadline=None,
     phases=[Phase.explicit, Phase.reuse, Phase.generate],
     suppress_health_check=[HealthCheck.too_slow],

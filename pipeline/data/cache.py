@@ -76,7 +76,7 @@ def cached_meta(cfg: DataConfig, cache_dir: Path | None = None) -> dict[str, Any
     None when it is not cached yet. Cheap enough for config validation."""
     path = (Path(cache_dir) if cache_dir is not None else default_cache_dir(cfg)) / f"{cache_key(cfg)}.npz"
     try:
-        with np.load(path) as z:  # an .npz is a zip: only the `meta` member is read
+        with np.load(path, allow_pickle=False) as z:  # an .npz is a zip: only the `meta` member is read
             return json.loads(str(z["meta"]))
     except Exception:  # absent, or unreadable (it is rebuilt on load)
         return None

@@ -42,6 +42,10 @@ def _component(family: str, value: Any) -> ComponentConfig:
     return config_cls(**value)
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 @dataclass
 class ModelConfig:
     d_model: int = 64
@@ -111,8 +115,10 @@ class ModelConfig:
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
                 f"choose n_heads from {divisors} or change d_model"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+        if not _number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout!r} must be a number in [0, 1)")
+        if not _number(self.init_std) or not self.init_std > 0:
+            raise ConfigError(f"model.init_std={self.init_std!r} must be a number > 0 (GPT-2: 0.02)")
         dims = self.dims
         for family in REGISTRIES:
             getattr(self, family).validate(dims)

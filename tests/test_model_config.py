@@ -69,7 +69,8 @@ def cfg(**kw) -> ModelConfig:
         (dict(pos_enc="rope"), r"model\.pos_enc must be a mapping with a 'name'"),
         (dict(pos_enc={"name": "learned", "max_len": 8}), r"model\.pos_enc\.max_len=8 < model\.context_length=16"),
         (dict(dropout=1.0), r"model\.dropout=1\.0 must be a number in \[0, 1\)"),
-        (dict(dropout=[0.1]), r"model\.dropout=\[0\.1\] must be a number in \[0, 1\)"),
+        (dict(dropout=[0.1]), r"model\.dropout=\[0\.1\] has the wrong type; use float"),
+        (dict(norm={"name": "layernorm", "eps": "post"}), r"model\.norm\.eps=.post. has the wrong type; use float"),
         (dict(init_std=0), r"model\.init_std=0 must be a number > 0"),
         (dict(pos_enc={"name": "rope", "scale": 0.0}), r"model\.pos_enc\.scale=0\.0 must be > 0"),
         (

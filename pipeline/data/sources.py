@@ -51,8 +51,8 @@ def register(cls: type[Source]) -> type[Source]:
 
 
 def get_source(name: str) -> Source:
-    if name not in SOURCES:
-        raise DataConfigError(f"data.source='{name}' is not a known source; valid: {', '.join(SOURCES)}")
+    if not isinstance(name, str) or name not in SOURCES:
+        raise DataConfigError(f"data.source={name!r} is not a known source; valid: {', '.join(SOURCES)}")
     return SOURCES[name]
 
 

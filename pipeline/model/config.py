@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import InitVar, dataclass, field
 from typing import Any, Literal
 
-from pipeline.checks import check_choices, check_keys
+from pipeline.checks import check_choices, check_keys, check_types
 from pipeline.model.components import REGISTRIES
 from pipeline.model.components.attention import AttentionConfig
 from pipeline.model.components.base import ComponentConfig, ConfigError, Dims, positive
@@ -39,11 +39,11 @@ def _component(family: str, value: Any) -> ComponentConfig:
         raise ConfigError(f"model.{family}.name='{name}' is not a known {family}; valid: {', '.join(registry.names())}")
     config_cls = registry.get(name).Config
     check_keys(f"model.{family}", value, config_cls, ConfigError, owner=f"{family} '{name}'")
+    check_types(f"model.{family}", value, config_cls, ConfigError)
     return config_cls(**value)
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+SIZES = ("d_model", "n_layers", "n_heads", "context_length", "vocab_size")  # positive integers
 
 
 @dataclass
@@ -68,9 +68,15 @@ class ModelConfig:
     reach: InitVar[int] = DEFAULT_REACH
 
     def __post_init__(self, reach: int) -> None:
+        # A wrong type is one line here, not a TypeError later; sizes get `positive`'s wording.
+        scalars = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        check_types(
+            "model", {k: v for k, v in scalars.items() if k not in (*REGISTRIES, *SIZES)}, ModelConfig, ConfigError
+        )
+        for key in SIZES:
+            positive(f"model.{key}", scalars[key])
         for family in REGISTRIES:
             setattr(self, family, _component(family, getattr(self, family)))
-        positive("model.context_length", self.context_length)  # before fit() multiplies it
         self.pos_enc.fit(reach * self.context_length)
         self.validate()
 
@@ -106,7 +112,7 @@ class ModelConfig:
 
     # -- validation -----------------------------------------------------------------------
     def validate(self) -> None:
-        for key in ("d_model", "n_layers", "n_heads", "context_length", "vocab_size"):
+        for key in SIZES:
             positive(f"model.{key}", getattr(self, key))
         check_choices("model", self, ConfigError)
         if self.d_model % self.n_heads:
@@ -115,9 +121,9 @@ class ModelConfig:
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
                 f"choose n_heads from {divisors} or change d_model"
             )
-        if not _number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+        if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout!r} must be a number in [0, 1)")
-        if not _number(self.init_std) or not self.init_std > 0:
+        if not self.init_std > 0:
             raise ConfigError(f"model.init_std={self.init_std!r} must be a number > 0 (GPT-2: 0.02)")
         dims = self.dims
         for family in REGISTRIES:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.checks import check_keys
+from pipeline.checks import check_keys, check_types
 
 SPLITS = ("train", "val", "test")
 
@@ -38,6 +38,7 @@ class DataConfig:
         """A validated DataConfig; raises DataConfigError before any data is read."""
         check_keys("data", d, cls, DataConfigError)
         values = {k: v for k, v in d.items()}
+        check_types("data", {k: v for k, v in values.items() if k != "files"}, cls, DataConfigError)
         files = values.get("files") or ()
         if isinstance(files, (str, os.PathLike)):
             files = (files,)

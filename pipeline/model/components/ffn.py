@@ -211,7 +211,7 @@ class MoE(nn.Module):
             h = F.gelu(h, approximate=self.cfg.approximate)
         return h @ self.w_out[e].T
 
-    # "auto": grouped matmul where it applies (bf16 compute, 16-byte aligned rows), else the
+    # "auto": grouped matmul where it applies (bf16 compute, d_model a multiple of 8), else the
     # loop; "loop" forces the reference (tests compare the two).
     dispatch: Literal["auto", "loop"] = "auto"
 
@@ -219,8 +219,22 @@ class MoE(nn.Module):
         dtype = (
             torch.get_autocast_dtype(flat.device.type) if torch.is_autocast_enabled(flat.device.type) else flat.dtype
         )
-        aligned = self.w_in.shape[-1] % 8 == 0 and self.w_out.shape[-1] % 8 == 0 and self.w_in.shape[1] % 8 == 0
+        aligned = self.w_in.shape[-1] % 8 == 0  # the expert width is padded (_grouped_weights)
         return self.dispatch == "auto" and dtype == torch.bfloat16 and aligned and hasattr(torch, "_grouped_mm")
+
+    def _grouped_weights(self) -> tuple[Tensor, Tensor]:
+        """w_in, w_out in bf16 with the expert width padded with zeros to a multiple of 8:
+        torch._grouped_mm needs 16-byte aligned rows, and the default width (the dense width /
+        top_k, SwiGLU multiple_of 1) rarely is one (683 at d_model 256). Zero units add exactly
+        nothing: silu(0) * 0 = gelu(0) = 0, and their w_out columns are zero."""
+        bf16 = torch.bfloat16
+        w_in, w_out = self.w_in.to(bf16), self.w_out.to(bf16)
+        pad = -w_out.shape[-1] % 8
+        if pad:
+            halves = w_in.chunk(2, dim=1) if self.gated else (w_in,)  # [gate; up]: pad each
+            w_in = torch.cat([F.pad(w, (0, 0, 0, pad)) for w in halves], dim=1)
+            w_out = F.pad(w_out, (0, pad))
+        return w_in, w_out
 
     def _experts_grouped(self, flat: Tensor, token: Tensor, gate: Tensor, counts: Tensor) -> Tensor:
         """All experts in two grouped matmuls over the expert-sorted assignments: one kernel
@@ -228,13 +242,14 @@ class MoE(nn.Module):
         them). torch._grouped_mm takes bf16 (what its CUDA kernel, Hopper and later, runs)."""
         bf16 = torch.bfloat16
         offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's group
-        h = torch._grouped_mm(flat[token].to(bf16), self.w_in.to(bf16).transpose(1, 2), offs=offs)  # (N*k, [2]h)
+        w_in, w_out = self._grouped_weights()
+        h = torch._grouped_mm(flat[token].to(bf16), w_in.transpose(1, 2), offs=offs)  # (N*k, [2]h)
         if self.gated:
             g, up = h.chunk(2, dim=-1)
             h = F.silu(g) * up
         else:
             h = F.gelu(h, approximate=self.cfg.approximate)
-        y = torch._grouped_mm(h.contiguous(), self.w_out.to(bf16).transpose(1, 2), offs=offs)  # (N*k, d)
+        y = torch._grouped_mm(h.contiguous(), w_out.transpose(1, 2), offs=offs)  # (N*k, d)
         y = y * gate[:, None].to(bf16)
         return torch.zeros(flat.shape, dtype=bf16, device=flat.device).index_add_(0, token, y)
 

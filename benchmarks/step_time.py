@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from benchmarks.timing import time_steps
 from pipeline.model import DecoderLM, ModelConfig
 from pipeline.model.components.ffn import swiglu_hidden
 
@@ -159,8 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     models = contestants()
     steps = {name: make_step(m, f, x, y) for name, (m, f) in models.items()}
     for step in steps.values():
-        for _ in range(args.warmup):
-            step()
+        time_steps(step, 1, warmup=args.warmup)  # warm-up, before any model is timed; discarded
     # Wall time is what the targets are about; CPU time (all threads of this process) is also
     # recorded because it barely moves when other processes share the cores, unlike wall time.
     wall: dict[str, list[float]] = {name: [] for name in steps}
@@ -168,11 +167,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     per_round = max(1, args.steps // args.rounds)
     for _ in range(args.rounds):
         for name, step in steps.items():
-            for _ in range(per_round):
-                t0, c0 = time.perf_counter(), time.process_time()
-                step()
-                wall[name].append(time.perf_counter() - t0)
-                cpu[name].append(time.process_time() - c0)
+            for _ in range(per_round):  # one step at a time: the median is over steps
+                t = time_steps(step, 1)
+                wall[name].append(t.wall_s)
+                cpu[name].append(t.cpu_s)
     ms = {name: 1e3 * statistics.median(t) for name, t in wall.items()}
     cpu_ms = {name: 1e3 * statistics.median(t) for name, t in cpu.items()}
 

@@ -5,18 +5,17 @@ trial FINISHED with its full metrics, and the report built. Prints its timings."
 from __future__ import annotations
 
 import itertools
-import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import optuna
 import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
+
+from tests.helpers.cli import count, sweep_env, tiny
 
 POS = ["learned", "rope", "alibi", "nope"]
 ATT = ["mha", "gqa", "mqa"]
@@ -26,35 +25,17 @@ ARGS = [
     f"model/attention=choice({','.join(ATT)})",
     "study=soak",
     "budget=cpu",
-    "model.d_model=32",
-    "model.n_layers=1",
-    "model.n_heads=2",
-    "model.context_length=32",
-    "data.batch_size=4",
-    "data.val_batches=1",
-    "trainer.max_steps=60",
-    "trainer.val_check_interval=30",
-    "trainer.enable_progress_bar=false",
+    *tiny(60, 30),
     "eval.factors=[1,2]",
     "eval.decode.batch_sizes=[1]",
     "eval.decode.repeats=1",
-    "tracking.system_metrics=false",
 ]
 METRICS = {"train/loss", "val/loss", "val/ppl", "extrap/ppl_x1", "extrap/ppl_x2", "cost/params_total"}
 
 
-def _complete(db: Path) -> int:
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
-            return con.execute("SELECT count(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0]
-    except sqlite3.Error:
-        return 0
-
-
 @pytest.mark.slow
 def test_two_workers_one_killed_and_restarted_finish_the_grid_once(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIPELINE_", "MLFLOW_"))}
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = sweep_env(tmp_path)
     command = [sys.executable, "-m", "pipeline.train", "-m", *ARGS]
 
     def worker(name: str) -> subprocess.Popen:
@@ -63,7 +44,7 @@ def test_two_workers_one_killed_and_restarted_finish_the_grid_once(tmp_path):
 
     t0 = time.time()
     a, b = worker("a"), worker("b")
-    while _complete(tmp_path / "optuna.db") < 4:
+    while count(tmp_path / "optuna.db", "SELECT count(*) FROM trials WHERE state = 'COMPLETE'") < 4:
         assert a.poll() is None, (tmp_path / "a.log").read_text()[-3000:]
         assert time.time() - t0 < 1500
         time.sleep(0.5)

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -25,38 +23,20 @@ from optuna.trial import TrialState
 
 from hydra_plugins.pipeline_optuna_sweeper import search_space
 from hydra_plugins.pipeline_optuna_sweeper import study as study_lib
+from tests.helpers.cli import count, sweep_env, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "tests" / "helpers" / "sweeper_app" / "app.py"
 # The smallest run that trains, validates twice and logs to MLflow.
-TINY = [
-    "trainer.max_steps=4",
-    "trainer.val_check_interval=2",
-    "eval.enabled=false",
-    "tracking.system_metrics=false",
-    "trainer.enable_progress_bar=false",
-    "model.d_model=32",
-    "model.n_layers=1",
-    "model.n_heads=2",
-    "model.context_length=32",
-    "data.batch_size=4",
-    "data.val_batches=1",
-    "budget=cpu",
-]
+TRIAL = ["budget=cpu", *tiny(4, 2), "eval.enabled=false"]
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-def _env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIPELINE_", "MLFLOW_"))}
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    return env
 
 
 def _toy(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(APP), "-m", "hydra/sweeper=optuna", *args],
         cwd=tmp_path,
-        env=_env(tmp_path),
+        env=sweep_env(tmp_path),
         capture_output=True,
         text=True,
         timeout=300,
@@ -65,9 +45,9 @@ def _toy(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 
 def _train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.train", "-m", *args, *TINY],
+        [sys.executable, "-m", "pipeline.train", "-m", *args, *TRIAL],
         cwd=tmp_path,
-        env=_env(tmp_path),
+        env=sweep_env(tmp_path),
         capture_output=True,
         text=True,
         timeout=600,
@@ -235,12 +215,7 @@ def test_tpe_per_value_runs_one_study_each(tmp_path):
 
 
 def _count(db: Path, state: str) -> int:
-    try:
-        # Read-only: a plain connect would create an empty file, which the sweep then refuses.
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
-            return con.execute("SELECT count(*) FROM trials WHERE state = ?", (state,)).fetchone()[0]
-    except sqlite3.Error:  # not created yet
-        return 0
+    return count(db, "SELECT count(*) FROM trials WHERE state = ?", state)
 
 
 def test_sigkilled_sweep_resumes_to_one_finished_run_per_point(tmp_path):
@@ -251,9 +226,9 @@ def test_sigkilled_sweep_resumes_to_one_finished_run_per_point(tmp_path):
         "study=kill",
     ]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.train", "-m", *args, *TINY],
+        [sys.executable, "-m", "pipeline.train", "-m", *args, *TRIAL],
         cwd=tmp_path,
-        env=_env(tmp_path),
+        env=sweep_env(tmp_path),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

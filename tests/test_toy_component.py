@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Literal
 
 import pytest
 import torch
@@ -28,52 +28,36 @@ from pipeline.evaluate.cost import analytic_cost
 from pipeline.model import ConfigError, DecoderLM, ModelConfig
 from pipeline.model.components import POS_ENC, Cost, Dims
 from pipeline.model.components.norm import NormConfig
-from pipeline.model.components.pos_enc import PosEncConfig, PositionalEncoding
+from pipeline.model.components.pos_enc import Learned, LearnedConfig
 from pipeline.run.spec import validate_config
 
 
 # -- the component: one config dataclass and one module class ----------------------------------
+# Learned positions with a per-token gate: the table, its max_len (fitted to the model's reach)
+# and its checks are the learned encoding's, inherited; the toy adds the gate.
 @dataclass
-class GatedConfig(PosEncConfig):
+class GatedConfig(LearnedConfig):
     name: str = "toy"
-    max_len: int | None = None  # table rows; None: fitted to the model's reach
     gate: Literal["sigmoid", "tanh"] = "sigmoid"
-    limit_key: ClassVar[str | None] = "max_len"
-
-    def max_positions(self) -> int | None:
-        return self.max_len
-
-    def fit(self, longest: int) -> None:
-        if self.max_len is None:
-            self.max_len = longest
-
-    def check(self, dims: Dims) -> None:
-        if self.max_len < dims.context_length:
-            raise ConfigError(
-                f"{self.key('max_len')}={self.max_len} < model.context_length={dims.context_length}; raise max_len"
-            )
 
     def cost(self, dims: Dims, context_length: int) -> Cost:
-        # the table, plus a d -> 1 gate applied to every token (d MACs)
-        return Cost(params=self.max_len * dims.d_model + dims.d_model, macs=dims.d_model)
+        table = super().cost(dims, context_length)
+        # plus a d -> 1 gate applied to every token (d MACs)
+        return Cost(params=table.params + dims.d_model, macs=table.macs + dims.d_model)
 
 
-class Gated(PositionalEncoding):
+class Gated(Learned):
     """x + gate(x w) * P[pos]: learned positions scaled per token by the token itself."""
 
     Config = GatedConfig
 
     def __init__(self, cfg: GatedConfig, dims: Dims, layer: int) -> None:
-        super().__init__()
-        self.table = nn.Parameter(torch.randn(cfg.max_len, dims.d_model) * 0.02)
+        super().__init__(cfg, dims, layer)
         self.w = nn.Linear(dims.d_model, 1, bias=False)
         self.gate = torch.sigmoid if cfg.gate == "sigmoid" else torch.tanh
 
     def embed(self, x: Tensor, offset: int) -> Tensor:
-        T = x.shape[1]
-        if offset + T > self.table.shape[0]:
-            raise ValueError(f"position {offset + T - 1} is past model.pos_enc.max_len={self.table.shape[0]}")
-        return x + self.gate(self.w(x)) * self.table[offset : offset + T]
+        return x + self.gate(self.w(x)) * self.rows(offset, x.shape[1])
 
 
 SMALL = dict(d_model=32, n_layers=2, n_heads=4, context_length=16, vocab_size=50)
@@ -109,8 +93,9 @@ def test_toy_builds_trains_and_generates(toy):
     logits = model(x)
     assert logits.shape == (2, 12, 50)
     torch.nn.functional.cross_entropy(logits.flatten(0, 1), x.roll(-1, 1).flatten()).backward()
-    assert model.pos.table.grad[:12].abs().sum() > 0 and model.pos.w.weight.grad.abs().sum() > 0
-    assert (model.pos.table.grad[12:] == 0).all()  # positions never seen get no gradient
+    grad = model.pos.table.weight.grad
+    assert grad[:12].abs().sum() > 0 and model.pos.w.weight.grad.abs().sum() > 0
+    assert (grad[12:] == 0).all()  # positions never seen get no gradient
     model.eval()
     out = model.generate(x[:, :4], max_new_tokens=6, temperature=0.0)
     full = model(out[:, :-1]).argmax(-1)[:, 3:]  # greedy decode with the cache == without it
@@ -122,7 +107,7 @@ def test_toy_builds_trains_and_generates(toy):
     "pos_enc, pattern",
     [
         ({"gate": "relu"}, r"model\.pos_enc\.gate='relu' is not valid; valid: sigmoid, tanh"),
-        ({"max_len": 8}, r"model\.pos_enc\.max_len=8 < model\.context_length=16; raise max_len"),
+        ({"max_len": 8}, r"model\.pos_enc\.max_len=8 < model\.context_length=16; the learned table needs"),
         ({"gait": "tanh"}, r"model\.pos_enc\.gait is not a setting of pos_enc 'toy'; .*did you mean gate\?"),
     ],
 )

@@ -260,6 +260,8 @@ def evaluate(
     from pipeline.evaluate import evaluate_run
 
     metrics, artifacts = evaluate_run(model.eval(), dm.test_tokens(), eval_config(cfg, spec), device, out_dir)
+    if metrics:  # eval.enabled
+        mlflow.set_tag(Tag.EVAL_DEVICE, str(device))
     mlflow.log_metrics(metrics)
     for path in artifacts:
         mlflow.log_artifact(str(path), Artifact.PLOTS)

@@ -32,6 +32,7 @@ class Tag:
     GIT_COMMIT = "git_commit"  # HEAD sha, `-dirty` with uncommitted tracked changes, `unknown` outside git
     TRIAL = "trial"  # the trial's number within its sweep (child runs only)
     CACHE_HIT = "cache_hit"  # TRUE when the tokenized splits came from the cache
+    EVAL_DEVICE = "eval_device"  # where evaluation ran (`cuda:0`, `cpu`): the trainer's device
     RERUN_OF = "rerun_of"  # run id of the run `pipeline.rerun` started from
     LR_FROM = "lr_from"  # the tune study optimizer.lr_from named (pipeline.tracking.tuned)
     LR_FROM_RUN = "lr_from_run"  # the run of that study whose lr and warmup this run took

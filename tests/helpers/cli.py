@@ -3,26 +3,34 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
+
+def tiny(max_steps: int, val_check_interval: int, batch_size: int = 4, val_batches: int = 1) -> list[str]:
+    """Overrides for a run of seconds on the CPU: a 1-layer model of width 32 over 32 tokens,
+    `max_steps` steps, no progress bar, no system metrics. Sweep tests add `budget=cpu` (a test
+    of the GPU budget sets its own) and their evaluation settings."""
+    return [
+        "model.d_model=32",
+        "model.n_layers=1",
+        "model.n_heads=2",
+        "model.context_length=32",
+        f"trainer.max_steps={max_steps}",
+        f"trainer.val_check_interval={val_check_interval}",
+        f"data.batch_size={batch_size}",
+        f"data.val_batches={val_batches}",
+        "trainer.enable_progress_bar=false",
+        "tracking.system_metrics=false",
+    ]
+
+
 # A run that takes seconds: tiny model, few steps, evaluation kept small.
-TINY = [
-    "model.d_model=32",
-    "model.n_layers=1",
-    "model.n_heads=2",
-    "model.context_length=32",
-    "trainer.max_steps=20",
-    "trainer.val_check_interval=10",
-    "trainer.log_every_n_steps=2",
-    "data.batch_size=8",
-    "data.val_batches=2",
-    "trainer.enable_progress_bar=false",
-    "tracking.system_metrics=false",
-]
+TINY = [*tiny(20, 10, batch_size=8, val_batches=2), "trainer.log_every_n_steps=2"]
 
 
 def cli(
@@ -33,3 +41,19 @@ def cli(
     return subprocess.run(
         [sys.executable, "-m", module, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def sweep_env(folder: Path) -> dict[str, str]:
+    """This environment without PIPELINE_* / MLFLOW_* settings, the MLflow store in `folder`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIPELINE_", "MLFLOW_"))}
+    return {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
+
+
+def count(db: Path, sql: str, *params: object) -> int:
+    """`SELECT count(*) ...` on a SQLite store a running sweep writes; 0 while it does not exist.
+    Read-only: a plain connect would create an empty file, which the sweep then refuses."""
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+            return con.execute(sql, params).fetchone()[0]
+    except sqlite3.Error:  # not created yet
+        return 0

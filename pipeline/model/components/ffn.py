@@ -211,7 +211,7 @@ class MoE(nn.Module):
             h = F.gelu(h, approximate=self.cfg.approximate)
         return h @ self.w_out[e].T
 
-    # "auto": grouped matmul where it applies (bf16 compute, 16-byte aligned rows), else the
+    # "auto": grouped matmul where it applies (bf16 compute, d_model a multiple of 8), else the
     # loop; "loop" forces the reference (tests compare the two).
     dispatch: Literal["auto", "loop"] = "auto"
 

@@ -113,14 +113,17 @@ class Learned(PositionalEncoding):
         assert cfg.max_len is not None, "ModelConfig fits max_len"
         self.table = nn.Embedding(cfg.max_len, dims.d_model)
 
-    def embed(self, x: Tensor, offset: int) -> Tensor:
-        T = x.shape[1]
+    def rows(self, offset: int, T: int) -> Tensor:
+        """The table's rows for positions offset .. offset + T - 1 (a subclass reuses them)."""
         if offset + T > self.table.num_embeddings:
             raise ValueError(
                 f"position {offset + T - 1} is past the learned table "
                 f"(pos_enc.max_len={self.table.num_embeddings}); raise model.pos_enc.max_len"
             )
-        return x + self.table.weight[offset : offset + T]
+        return self.table.weight[offset : offset + T]
+
+    def embed(self, x: Tensor, offset: int) -> Tensor:
+        return x + self.rows(offset, x.shape[1])
 
 
 @dataclass

@@ -24,7 +24,9 @@ import pytest
 from optuna.trial import TrialState
 
 from hydra_plugins.pipeline_optuna_sweeper import study as study_lib
-from tests.test_sweeper import APP, TINY, _env, _runs, _study
+from tests.helpers.cli import TINY
+from tests.helpers.cli import sweep_env as _env
+from tests.test_sweeper import APP, _runs, _study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -22,7 +22,7 @@ from hydra_plugins.pipeline_optuna_sweeper._errors import SweepFailedError
 from hydra_plugins.pipeline_optuna_sweeper._interrupt import Interrupted, interruptible
 from pipeline import CONF_DIR
 from pipeline.errors import USAGE_ERRORS, one_line
-from pipeline.run.spec import resolve_budget, validate_config
+from pipeline.run.spec import check_overrides, resolve_budget, validate_config
 
 FULL_ERROR = "HYDRA_FULL_ERROR"
 
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     user_wants_traceback = os.environ.get(FULL_ERROR) == "1"
     os.environ[FULL_ERROR] = "1"
     try:
+        check_overrides(args.overrides)
         with interruptible():
             _run_hydra(
                 args=args, args_parser=parser, task_function=task, config_path=str(CONF_DIR), config_name="train"

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from pipeline import CONF_DIR
 from pipeline.errors import USAGE_ERRORS, one_line
-from pipeline.run.spec import validate_config
+from pipeline.run.spec import check_overrides, validate_config
 from pipeline.tracking.runs import flatten
 
 
@@ -68,6 +68,7 @@ def _text(v: Any) -> str:
 def _outcome(overrides: list[str]) -> str:
     """ok, or the one-line error; anything else raises (and hypothesis reports it)."""
     try:
+        check_overrides(overrides)  # as pipeline.train does before Hydra composes
         cfg = compose("train", overrides=["budget=cpu", *overrides])
         validate_config(cfg)
     except USAGE_ERRORS as e:

@@ -98,11 +98,17 @@ def test_rerun_reproduces_the_curve_exactly(first_run) -> None:
     "override,needle",
     [
         ("model/pos_enc=fourier", "model/pos_enc"),
-        ("model.n_heads=3", "model.n_heads=3"),
-        ("data=text_files data.files=[/nonexistent/corpus.txt]", "/nonexistent/corpus.txt"),
-        ("trainer.max_steps=-1", "trainer.max_steps=-1"),
-        ("model=llama model.attention.n_kv_heads=3", "n_kv_heads=3"),
         ("eval.factors=[1,16384]", "max(eval.factors)=16384"),  # test text (230k tokens) too short: after loading data
+        # The same lines in-process, row by row: tests/test_errors.py; through a real process: slow.
+        *(
+            pytest.param(o, n, marks=pytest.mark.slow)
+            for o, n in [
+                ("model.n_heads=3", "model.n_heads=3"),
+                ("data=text_files data.files=[/nonexistent/corpus.txt]", "/nonexistent/corpus.txt"),
+                ("trainer.max_steps=-1", "trainer.max_steps=-1"),
+                ("model=llama model.attention.n_kv_heads=3", "n_kv_heads=3"),
+            ]
+        ),
     ],
 )
 def test_bad_override_exits_with_short_message_and_no_run(tmp_path: Path, tiny, override: str, needle: str) -> None:

@@ -215,7 +215,8 @@ def test_failures_with_workers_are_counted_once_and_fail_the_command(tmp_path):
 def test_a_second_command_joins_the_running_study(tmp_path):
     import subprocess
 
-    from tests.test_sweeper import APP, _env
+    from tests.helpers.cli import sweep_env as _env
+    from tests.test_sweeper import APP
 
     args = ["-m", "hydra/sweeper=optuna", "x=choice(0,1,2,3,4,5)", "sleep=1.0", "hydra.sweeper.workers=1"]
     procs = [
@@ -242,7 +243,8 @@ def test_a_second_command_joins_the_running_study(tmp_path):
 def test_a_killed_worker_s_trial_is_retried_by_the_others(tmp_path):
     import subprocess
 
-    from tests.test_sweeper import APP, _env
+    from tests.helpers.cli import sweep_env as _env
+    from tests.test_sweeper import APP
 
     proc = subprocess.Popen(
         [sys.executable, str(APP), "-m", "hydra/sweeper=optuna", "x=choice(0,1,2,3)", "sleep=1.0", "steps=4"]

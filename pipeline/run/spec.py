@@ -282,3 +282,13 @@ def resolve_budget(argv: list[str]) -> list[str]:
     if any(a.startswith("budget=") for a in rest):
         return argv
     return rest + [f"budget={choice}"]
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Refuse an override without a key (`=x`, `+=x`): Hydra's parser accepts it and its
+    composer then fails an internal assertion, a traceback instead of a line."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for override in OverridesParser.create().parse_overrides(overrides):
+        if not override.key_or_group:
+            raise RunConfigError(f"override '{override.input_line}' has no key; write KEY=VALUE, e.g. model=llama")

@@ -176,7 +176,8 @@ class MLflowSweepCallback(HydraCallback):
         out = Path("reports") / str(config.study)
         out.mkdir(parents=True, exist_ok=True)
         (out / Artifact.SWEEP_SUMMARY_TXT).write_text(summary["table"] + "\n")
-        print(summary["table"])
+        if last_summary() is None:  # the Optuna sweeper has logged its own table already
+            print(summary["table"])
         still = (summary["optuna"] or {}).get("running", 0)
         if still:  # another command's workers are on the study: the last one to end closes it
             log.info("%d trials are still running in other workers; the sweep run stays open", still)

@@ -32,13 +32,13 @@ from pipeline.analysis.study import (
 )
 from pipeline.tracking.uri import redact
 
-COST_KEYS = (
-    "cost/params_total",
-    "cost/params_active",
-    "cost/kv_bytes_per_token",
-    "cost/decode_tokens_per_s",
-    "cost/train_tokens_per_s",
-)
+COST_COLUMNS = {  # metric -> column header, in the tables' order
+    "cost/params_total": "params total",
+    "cost/params_active": "params active",
+    "cost/kv_bytes_per_token": "KV B/token",
+    "cost/decode_tokens_per_s": "decode tok/s",
+    "cost/train_tokens_per_s": "train tok/s",
+}
 MOE_LOAD = re.compile(r"^moe/load/l(\d+)/e(\d+)$")
 EXTRAP = re.compile(r"^extrap/ppl_x([0-9.]+)$")
 FLOOR = re.compile(r"^floor/ngram(\d+)$")
@@ -250,11 +250,7 @@ def section_table(doc: Doc, configs, extra, factors_x, bpt, c_star: float) -> No
         "val ppl",
         *[f"ppl ×{f:g}" for f, _ in factors_x],
         "train FLOPs",
-        "params total",
-        "params active",
-        "KV B/token",
-        "decode tok/s",
-        "train tok/s",
+        *COST_COLUMNS.values(),
         "wall s",
         "runs",
     ]
@@ -274,7 +270,7 @@ def section_table(doc: Doc, configs, extra, factors_x, bpt, c_star: float) -> No
             fmt_stat(*c.stat("val/ppl")[:2], 2),
             *[fmt_stat(*c.stat(k)[:2], 2) for _, k in factors_x],
             f"{float(np.nanmean(flops)):.3g}" if np.isfinite(flops).any() else "—",
-            *[fmt_stat(*c.stat(k)[:2], 1) for k in COST_KEYS],
+            *[fmt_stat(*c.stat(k)[:2], 1) for k in COST_COLUMNS],
             fmt_stat(*c.wall()[:2], 1),
             " ".join(t.short_id for t in c.trials),
         ]
@@ -699,11 +695,7 @@ def section_runs(doc: Doc, configs, factors_x) -> None:
         "val loss",
         "val ppl",
         *[f"ppl ×{f:g}" for f, _ in factors_x],
-        "params total",
-        "params active",
-        "KV B/token",
-        "decode tok/s",
-        "train tok/s",
+        *COST_COLUMNS.values(),
         "wall s",
     ]
     rows = []
@@ -719,7 +711,7 @@ def section_runs(doc: Doc, configs, factors_x) -> None:
                     fmt(m("val/loss", math.nan)),
                     fmt(m("val/ppl", math.nan), 2),
                     *[fmt(m(k, math.nan), 2) for _, k in factors_x],
-                    *[fmt(m(k, math.nan), 1) for k in COST_KEYS],
+                    *[fmt(m(k, math.nan), 1) for k in COST_COLUMNS],
                     fmt(t.wall_s if t.wall_s is not None else math.nan, 1),
                 ]
             )

@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 from hydra_plugins.pipeline_optuna_sweeper import study as study_lib
 from tests.helpers.cli import TINY
 from tests.helpers.cli import sweep_env as _env
-from tests.test_sweeper import APP, _runs, _study
+from tests.test_sweeper import APP, _assert_grid_finished, _runs, _study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -115,15 +115,7 @@ def test_two_local_jobs_finish_a_pipeline_grid_in_one_parent_run(tmp_path, jobs)
     assert len(at_return) == 4 and not [t for t in at_return if t.state.is_finished()], took
 
     _wait_for_jobs(jobs, timeout_s=600)
-    trials = _study(tmp_path, "jobs").trials
-    assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
-    (parent,), children = _runs(tmp_path, "jobs")
-    assert parent.info.status == "FINISHED" and parent.data.metrics["sweep/complete"] == 4
-    assert sorted(c.info.status for c in children) == ["FINISHED"] * 4
-    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
-    assert sorted((c.data.tags["pos_enc"], c.data.tags["norm"]) for c in children) == sorted(
-        (p, n) for p in ("rope", "alibi") for n in ("layernorm", "rmsnorm")
-    )
+    _assert_grid_finished(tmp_path, "jobs", ("rope", "alibi"), ("layernorm", "rmsnorm"))
     assert len({c.data.tags["worker"] for c in children}) == 2  # both jobs' workers ran trials
 
 

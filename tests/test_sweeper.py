@@ -69,6 +69,22 @@ def _runs(tmp_path: Path, study: str):
     return parents, children
 
 
+def _assert_grid_finished(tmp_path: Path, study: str, pos_encs: tuple[str, ...], norms: tuple[str, ...]):
+    """Every point of a pos_enc x norm grid COMPLETE once in Optuna, and FINISHED once as a
+    child of one FINISHED parent run in MLflow; returns the trials and the child runs."""
+    n = len(pos_encs) * len(norms)
+    trials = _study(tmp_path, study).trials
+    assert len(trials) == n and all(t.state == TrialState.COMPLETE for t in trials)
+    (parent,), children = _runs(tmp_path, study)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["sweep/complete"] == n
+    assert sorted(c.info.status for c in children) == ["FINISHED"] * n
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert sorted((c.data.tags["pos_enc"], c.data.tags["norm"]) for c in children) == sorted(
+        (p, m) for p in pos_encs for m in norms
+    )
+    return trials, children
+
+
 def _results(tmp_path: Path) -> list[str]:
     f = tmp_path / "results.txt"
     return f.read_text().splitlines() if f.exists() else []

@@ -29,7 +29,7 @@ from hydra_plugins.pipeline_optuna_sweeper import study as study_lib
 from hydra_plugins.pipeline_optuna_sweeper import workers as workers_lib
 from hydra_plugins.pipeline_optuna_sweeper.storage import open_storage
 from pipeline.run.layout import MARGIN, WORKER_MEMORY, candidates, choose
-from tests.test_sweeper import _runs, _study, _toy, _train
+from tests.test_sweeper import _assert_grid_finished, _study, _toy, _train
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -295,15 +295,7 @@ def test_two_pipeline_workers_finish_each_point_once_in_one_parent_run(tmp_path)
     logs = "".join(p.read_text() for p in tmp_path.glob("multirun/two/*/workers/worker-*.log"))
     assert "database is locked" not in logs + r.stderr
     assert logs.count("Launching 1 jobs") == 6
-    trials = _study(tmp_path, "two").trials
-    assert len(trials) == 6 and all(t.state == TrialState.COMPLETE for t in trials)
-    (parent,), children = _runs(tmp_path, "two")
-    assert parent.info.status == "FINISHED" and parent.data.metrics["sweep/complete"] == 6
-    assert sorted(c.info.status for c in children) == ["FINISHED"] * 6
-    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
-    assert sorted((c.data.tags["pos_enc"], c.data.tags["norm"]) for c in children) == sorted(
-        (p, n) for p in ("rope", "alibi", "learned") for n in ("layernorm", "rmsnorm")
-    )
+    trials, children = _assert_grid_finished(tmp_path, "two", ("rope", "alibi", "learned"), ("layernorm", "rmsnorm"))
     assert {c.data.tags["trial"] for c in children} == {str(t.number) for t in trials}
     assert len({c.data.tags["worker"] for c in children}) == 2
     assert "[sweep two] 6/6 done" in r.stdout

@@ -74,7 +74,7 @@ def visible_gpus(env: Mapping[str, str] | None = None, count: Callable[[], int] 
     CUDA_VISIBLE_DEVICES (indices, UUIDs or MIG names) when set, else 0..count-1. CUDA stops
     at the first invalid entry (e.g. -1), and so does this."""
     env = os.environ if env is None else env
-    n = _cuda_count() if count is None else count()
+    n = cuda_count() if count is None else count()
     if n == 0:
         return []
     listed = env.get("CUDA_VISIBLE_DEVICES")
@@ -88,7 +88,7 @@ def visible_gpus(env: Mapping[str, str] | None = None, count: Callable[[], int] 
     return out[:n]
 
 
-def _cuda_count() -> int:
+def cuda_count() -> int:
     try:
         import torch
     except ImportError:

@@ -195,6 +195,9 @@ def check_devices(t: dict[str, Any], batch_size: int) -> int:
     )
     if devices == 1:
         return 1
+    # The sweep workers' rules for what this machine has (imported late: it loads Optuna).
+    from hydra_plugins.pipeline_optuna_sweeper.workers import cuda_count, is_worker, usable_cpus
+
     if strategy != "ddp":
         raise RunConfigError(
             f"trainer.devices={devices} needs trainer=ddp (one process per device, one MLflow run); "
@@ -206,18 +209,18 @@ def check_devices(t: dict[str, Any], batch_size: int) -> int:
         accelerator in DDP_ACCELERATORS,
         "trainer=ddp runs on gpu (NCCL) or cpu (gloo)",
     )
-    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and _cuda_count()):
-        visible = _cuda_count()
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and cuda_count()):
+        visible = cuda_count()
         if devices > visible:
             where = os.environ.get("CUDA_VISIBLE_DEVICES")
             shown = f" (CUDA_VISIBLE_DEVICES={where})" if where is not None else ""
-            hint = "; a sweep worker sees one GPU: run DDP trials with hydra.sweeper.workers=0" if _in_worker() else ""
+            hint = "; a sweep worker sees one GPU: run DDP trials with hydra.sweeper.workers=0" if is_worker() else ""
             valid = f"use trainer.devices from 1 to {visible}" if visible else "use trainer.accelerator=cpu"
             raise RunConfigError(
                 f"trainer.devices={devices} is more than the {visible} CUDA device(s) visible{shown}; {valid}{hint}"
             )
     else:
-        cores = _usable_cpus()
+        cores = usable_cpus()
         if devices > cores:
             raise RunConfigError(
                 f"trainer.devices={devices} is more than the {cores} usable CPU core(s) (one gloo process per "
@@ -232,29 +235,12 @@ def check_devices(t: dict[str, Any], batch_size: int) -> int:
     return devices
 
 
-def _cuda_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def _in_worker() -> bool:
-    from hydra_plugins.pipeline_optuna_sweeper.workers import is_worker
-
-    return is_worker()
-
-
 def on_cuda(gpu_value: Any, cpu_value: Any) -> Any:
     """`${pipeline.on_cuda:A,B}` in a config: A when CUDA is available here, else B (trainer=ddp
     picks the GPU trainer's accelerator and precision, or the CPU's, as budget=auto does)."""
-    return gpu_value if _cuda_count() else cpu_value
+    from hydra_plugins.pipeline_optuna_sweeper.workers import cuda_count
+
+    return gpu_value if cuda_count() else cpu_value
 
 
 OmegaConf.register_new_resolver("pipeline.on_cuda", on_cuda, replace=True)

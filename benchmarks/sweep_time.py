@@ -67,6 +67,7 @@ def analyze(folder: Path, study: str) -> dict[str, Any]:
     overhead: dict[str, list[float]] = {}
     train: dict[str, list[float]] = {}
     ratios: dict[str, list[float]] = {}
+    by_ffn: dict[str, list[float]] = {}  # "pos_enc/ffn": an arm that trains slower learns positions later
     for r in runs:
         m, tags = r.data.metrics, r.data.tags
         if tags.get("trial") in span and "train/seconds" in m:
@@ -74,7 +75,9 @@ def analyze(folder: Path, study: str) -> dict[str, Any]:
             overhead.setdefault(ffn, []).append(span[tags["trial"]] - m["train/seconds"] - m.get("eval/seconds", 0.0))
             train.setdefault(ffn, []).append(m["train/seconds"])
         if "extrap/ppl_x4" in m and "extrap/ppl_x1" in m:
-            ratios.setdefault(tags.get("pos_enc", "?"), []).append(m["extrap/ppl_x4"] / m["extrap/ppl_x1"])
+            ratio = m["extrap/ppl_x4"] / m["extrap/ppl_x1"]
+            ratios.setdefault(tags.get("pos_enc", "?"), []).append(ratio)
+            by_ffn.setdefault(f"{tags.get('pos_enc', '?')}/{tags.get('ffn', '?')}", []).append(ratio)
     every = [x for xs in overhead.values() for x in xs]
     out: dict[str, Any] = {
         "trials_complete": len(span),
@@ -82,6 +85,7 @@ def analyze(folder: Path, study: str) -> dict[str, Any]:
         "overhead_s": {k: _stats(v) for k, v in {**overhead, "all": every}.items()},
         "train_s": {k: _stats(v) for k, v in train.items()},
         "ppl_x4_over_x1": {k: statistics.median(v) for k, v in sorted(ratios.items())},
+        "ppl_x4_over_x1_by_ffn": {k: statistics.median(v) for k, v in sorted(by_ffn.items())},
     }
     return out
 

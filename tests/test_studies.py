@@ -187,3 +187,17 @@ def test_every_point_of_a_study_scores_the_same_extrapolation_targets(study, bud
         spec = validate_config(trial)
         blocks.add(block_length(spec.model, spec.eval.factors, spec.eval.block_tokens))
     assert len(blocks) == 1, f"{study}: the runs score different text (blocks of {sorted(blocks)} tokens)"
+
+
+@pytest.mark.parametrize("budget", ["cpu", "gpu"])
+def test_extrapolation_trains_at_least_as_long_as_the_budget(budget):
+    """A model scores flat beyond its context until it has learned to use positions, so the
+    extrapolation study trains its levels' steps, never fewer than the budget's (and CLI
+    overrides still win)."""
+    plain = _compose([f"budget={budget}"])
+    study = _compose(["ablation=extrapolation", f"budget={budget}"])
+    assert study.trainer.max_steps == study.levels[budget].steps >= plain.trainer.max_steps
+    if budget == "cpu":
+        assert study.trainer.max_steps > plain.trainer.max_steps
+    short = _compose(["ablation=extrapolation", f"budget={budget}", "trainer.max_steps=40"])
+    assert short.trainer.max_steps == 40

@@ -166,6 +166,7 @@ class OptunaSweeper(Sweeper):
                 opened = [self._open(name, sub) for name, sub in studies]
                 submit = getattr(self.launcher, "submit_workers", None)  # hydra/launcher=submitit_*
                 if worker:
+                    workers_lib.freeze_heap()  # a worker process runs trials until the study is done
                     for s in opened:
                         self._work(s, progress=None)
                     if not (workers_lib.is_submitted() and _settled(opened)):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import logging
 import os
 import signal
 import subprocess
@@ -28,6 +29,8 @@ from optuna.trial import TrialState
 
 from . import study as study_lib
 
+log = logging.getLogger(__name__)
+
 ROLE_ENV = "PIPELINE_SWEEP_WORKER"  # set in a worker process: its index
 COORDINATOR_ENV = "PIPELINE_SWEEP_COORDINATOR"  # the coordinator's pid
 SUBMITTED_ENV = "PIPELINE_SWEEP_JOB"  # set in a worker of a submitted job (submitit): the job id
@@ -42,6 +45,7 @@ def freeze_heap() -> None:
     https://docs.python.org/3/library/gc.html#gc.freeze"""
     gc.collect()  # garbage first: a frozen object is never collected
     gc.freeze()
+    log.info("heap frozen before the first trial: %d objects left out of later collections", gc.get_freeze_count())
 
 
 def is_worker() -> bool:

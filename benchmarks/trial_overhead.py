@@ -1,8 +1,10 @@
 """Where a sweep trial's time goes outside training and evaluation, per part (issue 16).
 
-    PYTHONPATH=. python -m benchmarks.trial_overhead -m ablation=full_grid hydra.sweeper.workers=2 \
-        'hydra.sweeper.params.model/pos_enc=choice(rope,alibi)' ...     # a sweep, timed per part
-    python -m benchmarks.trial_overhead --analyze DIR                    # the table again
+    cd SCRATCH && PYTHONPATH=REPO python -m benchmarks.trial_overhead -m hydra/sweeper=optuna \
+        hydra.sweeper.sampler=grid hydra.sweeper.validate=pipeline.run.spec.validate_config \
+        hydra.sweeper.workers=2 study=oh 'model/pos_enc=choice(rope,alibi)' \
+        'model/ffn=choice(gelu,swiglu)' 'model/norm=choice(layernorm,rmsnorm)' model/attention=gqa
+    PYTHONPATH=REPO python -m benchmarks.trial_overhead --analyze spans [--per-trial]
 
 As a sweep's entry point it wraps the functions a trial passes through (the sweeper's claim and
 tell, Hydra's job, the runner's steps, MLflow's writes) in perf_counter spans, then runs
@@ -11,7 +13,8 @@ command), so every worker process records its spans to `spans-<pid>.jsonl` in
 $TRIAL_SPANS_DIR (default: ./spans). A trial is the span of `claim` (Optuna's start) to `tell`
 (its end), the same span `benchmarks/sweep_time.py` reads from Optuna; `overhead` is that span
 minus `fit` and `evaluate_run` (what `train/seconds` and `eval/seconds` time, within a few ms).
-The table prints, per part, the mean ms per trial over the workers' trials.
+The table prints, per part, the mean ms per trial over the workers' trials. TRIAL_PROFILE=1
+also writes a cProfile of each worker (`profile-<pid>.prof`) next to the spans.
 """
 
 from __future__ import annotations

@@ -201,6 +201,8 @@ def test_two_workers_run_a_grid_once_with_one_progress_line(tmp_path):
     )
     used = _workers_used(tmp_path)
     assert len(used) == 2 and sum(used.values()) == 6 and min(used.values()) >= 1  # both took work
+    for log in tmp_path.glob("multirun/workers/worker-*.log"):  # once per worker, not per trial
+        assert log.read_text().count("heap frozen before the first trial") == 1
     assert "[sweep toy] 6/6 done | 0 running | complete 6" in r.stdout
     assert "Launching" not in r.stdout  # the jobs' own output is in the worker logs
 

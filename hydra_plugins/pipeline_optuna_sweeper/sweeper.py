@@ -166,6 +166,7 @@ class OptunaSweeper(Sweeper):
                 opened = [self._open(name, sub) for name, sub in studies]
                 submit = getattr(self.launcher, "submit_workers", None)  # hydra/launcher=submitit_*
                 if worker:
+                    workers_lib.freeze_heap()  # a worker process runs trials until the study is done
                     for s in opened:
                         self._work(s, progress=None)
                     if not (workers_lib.is_submitted() and _settled(opened)):
@@ -529,9 +530,9 @@ class OptunaSweeper(Sweeper):
 
 def _compose_once(loader: Any) -> None:
     """Let the launcher reuse the config `_invalid` composed for the same trial. Composing is
-    the largest cost of a trial outside training and evaluation (about half of it, profiled on
-    the CPU budget), and Hydra's launcher composes again what the sweeper just composed to
-    validate. One entry: the config of the last composition, handed out once."""
+    the largest cost of a trial outside training and evaluation (about a third of it, profiled
+    on the CPU budget: benchmarks/trial_overhead.py), and Hydra's launcher composes again what
+    the sweeper just composed to validate. One entry: the config of the last composition, handed out once."""
     if getattr(loader, "_pipeline_compose_once", False):
         return
     compose = loader.load_sweep_config

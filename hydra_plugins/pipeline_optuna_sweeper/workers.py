@@ -11,6 +11,8 @@ terminal, joins the study the same way.
 from __future__ import annotations
 
 import functools
+import gc
+import logging
 import os
 import signal
 import subprocess
@@ -27,10 +29,23 @@ from optuna.trial import TrialState
 
 from . import study as study_lib
 
+log = logging.getLogger(__name__)
+
 ROLE_ENV = "PIPELINE_SWEEP_WORKER"  # set in a worker process: its index
 COORDINATOR_ENV = "PIPELINE_SWEEP_COORDINATOR"  # the coordinator's pid
 SUBMITTED_ENV = "PIPELINE_SWEEP_JOB"  # set in a worker of a submitted job (submitit): the job id
 THREAD_ENVS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def freeze_heap() -> None:
+    """Leave the objects a worker holds before its first trial (modules, stores, the sweep's
+    config: ~600k objects) out of every later garbage collection; they live as long as the
+    process. A trial's full collection (after its fit, to free the training state) then walks
+    that trial's objects only, where it walked them all: 0.4-1.2 s per trial on 2 busy cores.
+    https://docs.python.org/3/library/gc.html#gc.freeze"""
+    gc.collect()  # garbage first: a frozen object is never collected
+    gc.freeze()
+    log.info("heap frozen before the first trial: %d objects left out of later collections", gc.get_freeze_count())
 
 
 def is_worker() -> bool:

@@ -17,6 +17,7 @@ version, in the Hugging Face datasets cache.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import os
 import sys
@@ -54,6 +55,13 @@ def _module_files(root: Path) -> list[Path]:
 def identity() -> dict[str, object]:
     """What the corpus is made of, without parsing it: the Python version, the names and sizes
     of the stdlib sources and text files (a patched file changes its size), this module's format."""
+    return dict(_identity())
+
+
+# Once per process: listing the stdlib walks ~2k files (tens of ms), and a sweep worker asks for
+# every trial, three times (the sweeper's check, the run's validation, the token cache key).
+@functools.cache
+def _identity() -> dict[str, object]:
     root = stdlib_dir()
     files = [p for p in _module_files(root) + [root / f for f in TEXT_FILES] if p.is_file()]
     listing = "\n".join(f"{p.relative_to(root)} {p.stat().st_size}" for p in files)

@@ -156,21 +156,20 @@ def record_config(
     from pipeline.tracking import runs
 
     resolved = resolved_config(cfg, spec, model_cfg)
-    runs.log_params(runs.flatten(resolved))
-    mlflow.log_text(OmegaConf.to_yaml(OmegaConf.create(resolved)), Artifact.CONFIG)
-    mlflow.log_text("\n".join(_redact_override(o) for o in overrides) + "\n", Artifact.OVERRIDES)
-    mlflow.set_tag(Tag.CACHE_HIT, str(dm.splits.cache_hit).lower())
+    params = runs.flatten(resolved)
     # Per corpus, measured once and cached with the tokens: leakage and the n-gram floors.
     overlap = dm.splits.overlap
     if overlap:
-        mlflow.log_params(
-            {
-                Param.DATA_OVERLAP_VAL_TRAIN: round(overlap["val_train"], 6),
-                Param.DATA_OVERLAP_TEST_TRAIN: round(overlap["test_train"], 6),
-            }
-        )
+        params[Param.DATA_OVERLAP_VAL_TRAIN] = round(overlap["val_train"], 6)
+        params[Param.DATA_OVERLAP_TEST_TRAIN] = round(overlap["test_train"], 6)
     floors = dm.splits.floors  # {"ngram1": loss, ...}
-    mlflow.log_metrics({floor_ngram(int(k.removeprefix("ngram"))): v for k, v in floors.items()})
+    runs.log_batch(
+        params=params,
+        tags={Tag.CACHE_HIT: str(dm.splits.cache_hit).lower()},
+        metrics={floor_ngram(int(k.removeprefix("ngram"))): v for k, v in floors.items()},
+    )
+    mlflow.log_text(OmegaConf.to_yaml(OmegaConf.create(resolved)), Artifact.CONFIG)
+    mlflow.log_text("\n".join(_redact_override(o) for o in overrides) + "\n", Artifact.OVERRIDES)
 
 
 def make_module(cfg: DictConfig, spec: RunSpec, model_cfg: ModelConfig) -> Any:
@@ -230,15 +229,16 @@ def train(
             raise KeyboardInterrupt("training interrupted")
         lit.check_finite()  # the steps since the last check
     # Training's share of the trial: with eval/seconds, the rest of a trial is overhead.
-    mlflow.log_metric(Metric.TRAIN_SECONDS, time.perf_counter() - tic)
+    metrics = {Metric.TRAIN_SECONDS: time.perf_counter() - tic}
     if throughput.tokens_per_s:
-        mlflow.log_metric(Metric.COST_TRAIN_TOKENS_PER_S, throughput.tokens_per_s)
+        metrics[Metric.COST_TRAIN_TOKENS_PER_S] = throughput.tokens_per_s
     peak = peak_flops(trainer.strategy.root_device, cfg.trainer.precision, spec.peak_flops)
     if peak is not None:
         peak *= spec.devices  # the tokens/s are every device's together
     mfu = throughput.mfu(analytic_cost(model_cfg)["flops_per_token"], peak)
     if mfu is not None:
-        mlflow.log_metrics({Metric.COST_MFU: mfu, Metric.COST_PEAK_FLOPS: peak})
+        metrics.update({Metric.COST_MFU: mfu, Metric.COST_PEAK_FLOPS: peak})
+    mlflow.log_metrics(metrics)  # one store write
     val_loss = float(trainer.callback_metrics[Metric.VAL_LOSS])
     # fit() ends by moving the model to the CPU; evaluation runs on the device it trained on.
     device = trainer.strategy.root_device

@@ -22,6 +22,14 @@ from pipeline.tracking.views import ensure_experiment
 PARENT_ENV = "PIPELINE_PARENT_RUN_ID"  # set by the sweep callback for its child runs
 TRIAL_ENV = "PIPELINE_TRIAL_NUMBER"
 REPO = Path(__file__).resolve().parents[2]
+# The study's experiment id per (store, study), looked up (created, set up for the UI) once per
+# process: a sweep worker starts one run per trial in the same experiment.
+_EXPERIMENTS: dict[tuple[str, str], str] = {}
+# MLflow's async logging thread waits for data with queue.get(timeout=1); ending the queue (at
+# the end of fit, and again when the run ends) joins that thread, so each end waited up to 1 s
+# (measured: 0.98 s and 0.5 s per trial). With a buffer time set, the thread waits on its stop
+# event instead, which ending sets: it returns at once, and writes what was queued in one batch.
+ASYNC_BUFFER_ENV = "MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS"
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -53,20 +61,32 @@ def git_commit() -> str:
         return "unknown"
 
 
+def experiment(uri: str, study: str) -> str:
+    """The study's experiment id in the store at `uri`; the first call in a process prepares the
+    store (created and migrated once, under its lock) and creates or sets up the experiment."""
+    from pipeline.tracking.stores import prepared
+
+    experiment_id = _EXPERIMENTS.get((uri, study))
+    if experiment_id is None:
+        with prepared(uri):  # a fresh store is migrated once, the experiment created once
+            experiment_id = ensure_experiment(mlflow.MlflowClient(uri), study)
+        _EXPERIMENTS[(uri, study)] = experiment_id
+    return experiment_id
+
+
 def start_run(uri: str, study: str, run_name: str, tags: dict[str, str], system_metrics: bool) -> mlflow.ActiveRun:
     """Start a run in the study's experiment; a child of the sweep's parent run when inside one."""
     from hydra_plugins.pipeline_optuna_sweeper import current_trial
     from hydra_plugins.pipeline_optuna_sweeper.study import worker
-    from pipeline.tracking.stores import prepared
 
     mlflow.set_tracking_uri(uri)
-    with prepared(uri):  # a fresh store is migrated once, the experiment created once
-        mlflow.set_experiment(experiment_id=ensure_experiment(mlflow.MlflowClient(uri), study))
+    experiment_id = experiment(uri, study)
     tags = dict(tags)
     if os.environ.get(TRIAL_ENV):
         tags[Tag.TRIAL] = os.environ[TRIAL_ENV]
         tags[Tag.WORKER] = worker()  # host:pid; a resumed sweep ends a dead worker's run KILLED
     active = mlflow.start_run(
+        experiment_id=experiment_id,
         run_name=run_name,
         tags=tags,
         parent_run_id=os.environ.get(PARENT_ENV) or None,
@@ -78,11 +98,25 @@ def start_run(uri: str, study: str, run_name: str, tags: dict[str, str], system_
     return active
 
 
-def log_params(params: dict[str, Any]) -> None:
-    """Log params in batches, values cut to MLflow's length limit (the full config is an artifact)."""
-    items = [(k, str(v)[:MAX_PARAM_VAL_LENGTH]) for k, v in params.items()]
-    for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-        mlflow.log_params(dict(items[i : i + MAX_PARAMS_TAGS_PER_BATCH]))
+def log_batch(
+    params: dict[str, Any] | None = None, tags: dict[str, str] | None = None, metrics: dict[str, float] | None = None
+) -> None:
+    """Params (values cut to MLflow's length limit: the full config is an artifact), tags and
+    metrics of the active run, in as few store writes as MLflow's batch limits allow: one for a
+    run's config (75 params), where a call per kind was a transaction each."""
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.utils.time import get_current_time_millis
+
+    run_id = mlflow.active_run().info.run_id
+    now = get_current_time_millis()
+    p = [Param(k, str(v)[:MAX_PARAM_VAL_LENGTH]) for k, v in (params or {}).items()]
+    t = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+    m = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
+    client = mlflow.MlflowClient()
+    n = MAX_PARAMS_TAGS_PER_BATCH  # per batch: at most this many params, and as many tags
+    for i in range(0, max(len(p), len(t), 1), n):
+        first = i == 0
+        client.log_batch(run_id, metrics=m if first else [], params=p[i : i + n], tags=t[i : i + n])
 
 
 def end_run(status: str, reason: str | None = None, tags: dict[str, str] | None = None) -> None:
@@ -132,5 +166,6 @@ def lightning_logger(uri: str, run_id: str):
             mlflow.flush_async_logging()  # the queued metric batches are in the store when fit() returns
 
     # synchronous=False: metric batches are written by MLflow's background thread, so a logging
-    # step does not wait on the SQLite store.
+    # step does not wait on the SQLite store; at most once a second (ASYNC_BUFFER_ENV, above).
+    os.environ.setdefault(ASYNC_BUFFER_ENV, "1")
     return RunLogger(tracking_uri=uri, run_id=run_id, log_model=False, synchronous=False)

@@ -72,6 +72,26 @@ def trial_trainer_kwargs() -> dict[str, Any]:
     return {"enable_progress_bar": False} if is_worker() else {}
 
 
+def warm_up(uri: str, study: str) -> None:
+    """What a worker pays once, before it claims its first trial rather than inside it: the
+    store's connection (and its schema check) and experiment, the imports of a run (the runner,
+    evaluation, matplotlib for the plots, Lightning's MLflow logger), the git commit and MLflow's
+    run context. The sweeper then freezes the heap
+    (hydra_plugins.pipeline_optuna_sweeper.workers.freeze_heap), these modules included."""
+    import lightning.pytorch.loggers  # noqa: F401
+    from mlflow.tracking.context.registry import resolve_tags
+
+    import pipeline.evaluate  # noqa: F401
+    import pipeline.run.runner  # noqa: F401
+    import pipeline.tracking.plots  # noqa: F401
+    from pipeline.tracking.runs import experiment, git_commit
+
+    busy_timeout()
+    experiment(uri, study)
+    git_commit()  # cached: the code a worker runs is the code it imported
+    resolve_tags()  # MLflow's run context (source, git), found on a process's first run
+
+
 # -- around the sweep: the MLflow parent run ----------------------------------------------------
 
 
@@ -104,6 +124,7 @@ class MLflowSweepCallback(HydraCallback):
         on_trial_lost(self._end_lost_run)  # any process that claims trials may find a lost one
         if is_worker() and os.environ.get(PARENT_ENV):  # a worker process: its coordinator's run
             self.parent_id, self.joined = os.environ[PARENT_ENV], True
+            warm_up(self.uri, str(config.study))
             return
         before_workers(self._ensure_parent)  # a coordinator's workers join the parent run
 

@@ -56,3 +56,16 @@ def test_the_report_loads_no_torch(tmp_path) -> None:
     )
     assert loaded_after(code, ["torch", "lightning"]) == []
     assert (tmp_path / "reports" / "grid" / "report.md").exists()
+
+
+def test_the_sweep_storage_and_the_config_checks_load_no_lightning(tmp_path) -> None:
+    """Every sweep process and each of its workers opens the Optuna storage (which imports
+    pipeline.errors, hence the run spec and the token cache) before any trial: Lightning's
+    import, seconds of CPU, waits for the first run that trains."""
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    code = (
+        "from hydra_plugins.pipeline_optuna_sweeper.storage import open_storage\n"
+        "import pipeline.errors, pipeline.run.spec, pipeline.data\n"
+        f"open_storage({url!r})"
+    )
+    assert loaded_after(code, ["lightning"]) == []

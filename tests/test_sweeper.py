@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 
 from hydra_plugins.pipeline_optuna_sweeper import search_space
 from hydra_plugins.pipeline_optuna_sweeper import study as study_lib
-from tests.helpers.cli import count, sweep_env, tiny
+from tests.helpers.cli import count, seed_tokens, sweep_env, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "tests" / "helpers" / "sweeper_app" / "app.py"
@@ -44,6 +44,7 @@ def _toy(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def _train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    seed_tokens(tmp_path)
     return subprocess.run(
         [sys.executable, "-m", "pipeline.train", "-m", *args, *TRIAL],
         cwd=tmp_path,
@@ -241,6 +242,7 @@ def test_sigkilled_sweep_resumes_to_one_finished_run_per_point(tmp_path):
         "model/norm=choice(layernorm,rmsnorm)",
         "study=kill",
     ]
+    seed_tokens(tmp_path)
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline.train", "-m", *args, *TRIAL],
         cwd=tmp_path,
@@ -315,10 +317,7 @@ def test_pipeline_trial_failures_and_invalid_points(tmp_path):
 def test_a_point_reading_more_than_max_epochs_is_skipped(tmp_path):
     """With the corpus in the token cache, validation reads the train split's size from its
     metadata: the point past data.max_epochs is skipped with the numbers, the other one runs."""
-    from pipeline.data import DataConfig, load_token_splits
-
-    load_token_splits(DataConfig(), tmp_path / ".cache" / "tokens")  # the cache the sweep's runs use
-    r = _train(
+    r = _train(  # which puts the corpus in the token cache the sweep's runs use
         tmp_path,
         "hydra/sweeper=optuna",
         "study=epochs",

@@ -29,7 +29,7 @@ def first_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("work")
     args = [*TINY, *EVAL_OFF, "model=llama", "model/pos_enc=alibi", "model.attention.n_kv_heads=1", "seed=3"]
     for _ in range(2):
-        proc = cli("pipeline.train", args, cwd)
+        proc = cli("pipeline.train", args, cwd, seed_cache=False)  # the first run tokenizes
         assert proc.returncode == 0, proc.stderr[-3000:]
     return cwd, runs(cwd)
 
@@ -122,7 +122,7 @@ def test_bad_override_exits_with_short_message_and_no_run(tmp_path: Path, tiny, 
 def test_run_reading_train_more_than_max_epochs_is_refused_before_training(tmp_path: Path, tiny) -> None:
     """20 steps x 8 x 32 = 5,120 tokens against 1.8M: 0.003 epochs, above data.max_epochs=0.001.
     The corpus is not cached yet: the runner refuses right after loading it, before any MLflow run."""
-    proc = cli("pipeline.train", [*tiny, *EVAL_OFF, "data.max_epochs=0.001"], tmp_path)
+    proc = cli("pipeline.train", [*tiny, *EVAL_OFF, "data.max_epochs=0.001"], tmp_path, seed_cache=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
     assert "reads 5,120 train tokens" in line and "more than data.max_epochs=0.001" in line
@@ -182,3 +182,6 @@ def test_a_run_shorter_than_the_validation_interval_validates_at_its_end(tmp_pat
     assert run.data.params["trainer.val_check_interval"] == "4"
     assert len(client_for(tmp_path).get_metric_history(run.info.run_id, "val/loss")) == 1  # at the end
     assert run.data.metrics["train/seconds"] > 0
+    # The cache tests.helpers.cli.seed_tokens put there is the one the run reads: were its key
+    # to drift from the CLI's default data config, every CLI test would tokenize again.
+    assert run.data.tags["cache_hit"] == "true"

@@ -29,6 +29,7 @@ from hydra_plugins.pipeline_optuna_sweeper import study as study_lib
 from hydra_plugins.pipeline_optuna_sweeper import workers as workers_lib
 from hydra_plugins.pipeline_optuna_sweeper.storage import open_storage
 from pipeline.run.layout import MARGIN, WORKER_MEMORY, candidates, choose
+from tests.helpers.claim import claim_all
 from tests.test_sweeper import _assert_grid_finished, _study, _toy, _train
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -136,22 +137,13 @@ def test_the_grid_is_enqueued_once(tmp_path):
     assert {t.state for t in trials} == {TrialState.WAITING}
 
 
-def _claimer(url: str, out: mp.Queue) -> None:
-    study = optuna.load_study(study_name="s", storage=open_storage(url))
-    mine = []
-    while (trial := study_lib.claim(study)) is not None:
-        mine.append(trial.number)
-        study.tell(trial, 0.0)
-    out.put(mine)
-
-
 def test_concurrent_workers_claim_every_trial_exactly_once(tmp_path):
     url = f"sqlite:///{tmp_path / 'o.db'}"
     study, space = _grid_study(url, 60)
     study_lib.enqueue_grid(study, study.sampler, space)
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_claimer, args=(url, out)) for _ in range(4)]
+    procs = [ctx.Process(target=claim_all, args=(url, "s", out)) for _ in range(4)]
     for p in procs:
         p.start()
     claimed = [out.get(timeout=120) for _ in procs]

@@ -20,7 +20,6 @@ The pipeline, for every source (a registry: pipeline.data.sources):
 
 from pipeline.data.cache import load_token_splits
 from pipeline.data.config import DataConfig, DataConfigError
-from pipeline.data.datamodule import LMDataModule, fixed_windows
 from pipeline.data.splits import TokenSplits
 from pipeline.data.tokenizers import build_tokenizer
 
@@ -33,3 +32,16 @@ __all__ = [
     "fixed_windows",
     "load_token_splits",
 ]
+
+# The datamodule imports Lightning (seconds). Loaded on first use, so that the config checks,
+# the token cache and every import of `pipeline.errors` (the sweeper's storage, each worker)
+# do not pay for it.
+_LAZY = {"LMDataModule", "fixed_windows"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        from pipeline.data import datamodule
+
+        return getattr(datamodule, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

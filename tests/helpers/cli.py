@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -33,9 +34,44 @@ def tiny(max_steps: int, val_check_interval: int, batch_size: int = 4, val_batch
 TINY = [*tiny(20, 10, batch_size=8, val_batches=2), "trainer.log_every_n_steps=2"]
 
 
+# Where the embedded corpus's token cache is built once per test process (tests/conftest.py
+# sets it to a folder under pytest's temporary directory).
+TOKEN_SEED: Path | None = None
+
+
+def seed_tokens(folder: Path) -> None:
+    """Put the default corpus's token cache where a command run in `folder` looks for it
+    (`.cache/tokens`, pipeline.data.cache), as if an earlier run there had tokenized it. Building
+    it takes 3-5 s of CPU; without this every test that trains in a fresh folder pays that. It is
+    built once per test process by the real `load_token_splits` and copied (never linked: a test
+    may damage its own copy). Tests of the uncached path (a cache miss, the runner's own checks
+    before the cache exists) do not call this."""
+    from pipeline.data import DataConfig, load_token_splits
+    from pipeline.data.cache import cache_key
+
+    assert TOKEN_SEED is not None, "tests/conftest.py sets TOKEN_SEED for the session"
+    cfg = DataConfig()  # what conf/data's default resolves to: the embedded corpus, bytes
+    built = TOKEN_SEED / f"{cache_key(cfg)}.npz"
+    if not built.exists():
+        load_token_splits(cfg, TOKEN_SEED)
+    target = folder / ".cache" / "tokens" / built.name
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(built, target)
+
+
 def cli(
-    module: str, args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 300
+    module: str,
+    args: list[str],
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    timeout: int = 300,
+    seed_cache: bool = True,
 ) -> subprocess.CompletedProcess:
+    """`python -m module args` in `cwd`, offline, without this environment's MLflow URI; the
+    token cache seeded there first (seed_tokens) unless `seed_cache=False`."""
+    if seed_cache:
+        seed_tokens(cwd)
     full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     full_env.update({"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", **(env or {})})
     return subprocess.run(

@@ -13,6 +13,8 @@ path instead, which needs no node id changed.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.helpers import cli as cli_helpers
@@ -34,6 +36,15 @@ SHARED_FIXTURE_MODULES = frozenset(
         "tests/test_ui_browser.py",  # a sweep, its report and the UI server (slow)
     }
 )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """On a test worker beside others, one torch thread, for this process and the commands it
+    starts: the suite's models are tiny, and intra-op threads on cores the other workers use
+    only spin (on 2 cores, 2 workers x 2 threads). Serial runs keep torch's default."""
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+        for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(key, "1")
 
 
 @pytest.fixture

@@ -72,14 +72,25 @@ def test_sweep_callback_opens_its_parent_run_in_the_resolved_store(stores, monke
         assert not Path(stores[other][len("sqlite:///") :]).exists(), f"{other} store was created"
 
 
-@pytest.mark.parametrize("source", SOURCES)
-def test_report_reads_the_resolved_store(stores, monkeypatch, tmp_path, source: str) -> None:
-    """The same study name in all three stores, with a different positional encoding in each."""
-    from pipeline.analysis.report import build_report
-
+@pytest.fixture(scope="module")
+def three_studies(tmp_path_factory) -> tuple[Path, dict[str, str], dict[str, str]]:
+    """The same study name in three stores of one folder (an explicit one, the environment's,
+    ./mlflow.db), with a different positional encoding in each; logged once for the three cases
+    below, as creating a store runs MLflow's migrations (seconds)."""
+    folder = tmp_path_factory.mktemp("three")
+    stores = {name: f"sqlite:///{folder / db}" for name, db in zip(SOURCES, ("explicit.db", "env.db", "mlflow.db"))}
     pos_enc = {"explicit": "rope", "env": "alibi", "default": "nope"}
     for name, uri in stores.items():
-        log_grid(uri, str(tmp_path / name), "s", pos_enc=("learned", pos_enc[name]), seeds=(0,), failures=False)
+        log_grid(uri, str(folder / name), "s", pos_enc=("learned", pos_enc[name]), seeds=(0,), failures=False)
+    return folder, stores, pos_enc
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_report_reads_the_resolved_store(three_studies, monkeypatch, tmp_path, source: str) -> None:
+    from pipeline.analysis.report import build_report
+
+    folder, stores, pos_enc = three_studies
+    monkeypatch.chdir(folder)  # where ./mlflow.db, the default store, is
     rep = build_report("s", given(source, stores, monkeypatch), tmp_path / "reports", log_artifacts=False)
     assert {c.levels["pos_enc"] for c in rep.configurations} == {"learned", pos_enc[source]}
 

@@ -86,8 +86,7 @@ def warm_up(uri: str, study: str) -> None:
     import pipeline.tracking.plots  # noqa: F401
     from pipeline.tracking.runs import experiment, git_commit
 
-    busy_timeout()
-    experiment(uri, study)
+    experiment(uri, study)  # prepared(): the busy timeout, the store migrated, the experiment
     git_commit()  # cached: the code a worker runs is the code it imported
     resolve_tags()  # MLflow's run context (source, git), found on a process's first run
 

@@ -71,7 +71,7 @@ def cfg(**kw) -> ModelConfig:
         (dict(dropout=1.0), r"model\.dropout=1\.0 must be a number in \[0, 1\)"),
         (dict(dropout=[0.1]), r"model\.dropout=\[0\.1\] has the wrong type; use float"),
         (dict(norm={"name": "layernorm", "eps": "post"}), r"model\.norm\.eps=.post. has the wrong type; use float"),
-        (dict(init_std=0), r"model\.init_std=0 must be a number > 0"),
+        (dict(init_std=0), r"model\.init_std=0 must be a number > 0, or null for sqrt\(2 / \(5 d_model\)\) = 0\.112"),
         (dict(pos_enc={"name": "rope", "scale": 0.0}), r"model\.pos_enc\.scale=0\.0 must be > 0"),
         (
             dict(d_model=8, n_heads=4, pos_enc={"name": "rope", "scaling": "ntk", "scale": 2.0}),
@@ -341,3 +341,24 @@ def test_sinusoidal_tokens_enter_at_the_set_rms_beside_the_encoding(token_rms: f
         assert positions.pow(2).mean().sqrt().item() == pytest.approx(0.5**0.5, rel=1e-3)
     with pytest.raises(ConfigError, match=r"model\.pos_enc\.token_rms=0"):
         ModelConfig.from_preset("gpt2", pos_enc={"name": "sinusoidal", "token_rms": 0})
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("d_model", [64, 768])
+def test_default_init_scales_with_width_and_is_recorded(preset: str, d_model: int):
+    """Issue 16: a fixed 0.02 (GPT-2's constant at widths 768-1600) left d_model-64 models near
+    the bigram floor at the CPU budget. Unset, init_std is sqrt(2 / (5 d_model)) (Nguyen & Salazar
+    2019): 0.079 at 64, 0.023 at 768. The config holds the number, so a run logs what it used."""
+    expected = math.sqrt(2 / (5 * d_model))
+    config = ModelConfig.from_preset(preset, d_model=d_model, n_heads=4, n_layers=1)
+    assert config.init_std == pytest.approx(expected) and config.to_dict()["init_std"] == config.init_std
+    torch.manual_seed(0)
+    model = DecoderLM(config)
+    residual = ("out.weight", "down.weight", "w_out")
+    for name, p in model.named_parameters():
+        if p.ndim >= 2 and p.numel() >= 4096:  # every matrix big enough for a sample std
+            want = expected / math.sqrt(2) if name.endswith(residual) else expected  # 1/sqrt(2L), L=1
+            assert p.std().item() == pytest.approx(want, rel=0.1), name
+    assert ModelConfig.from_dict(config.to_dict()).init_std == config.init_std  # a rerun keeps it
+    pinned = ModelConfig.from_preset(preset, d_model=d_model, n_heads=4, n_layers=1, init_std=0.02)
+    assert pinned.init_std == 0.02  # GPT-2's exact init, when asked for

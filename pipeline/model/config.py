@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import InitVar, dataclass, field
 from typing import Any, Literal
 
@@ -46,6 +47,13 @@ def _component(family: str, value: Any) -> ComponentConfig:
 SIZES = ("d_model", "n_layers", "n_heads", "context_length", "vocab_size")  # positive integers
 
 
+def small_init_std(d_model: int) -> float:
+    """sqrt(2 / (5 d_model)): the "small init" of Nguyen & Salazar (2019, "Transformers without
+    Tears"), as in GPT-NeoX. 0.023 at GPT-2 small's width 768, where GPT-2 used 0.02; 0.079 at
+    d_model 64, where 0.02 leaves a model at the CPU budget near the bigram floor (README)."""
+    return math.sqrt(2.0 / (5.0 * d_model))
+
+
 @dataclass
 class ModelConfig:
     d_model: int = 64
@@ -61,7 +69,10 @@ class ModelConfig:
     bias: bool = True  # biases in linear layers and LayerNorm (GPT) or none (LLaMA)
     tie_embeddings: bool = True  # output head shares the token embedding matrix
     dropout: float = 0.0
-    init_std: float = 0.02
+    # Std of the N(0, std) weights; None = small_init_std(d_model), so the init scales with width.
+    # A fixed 0.02 is GPT-2's constant for widths 768-1600; at d_model 64 it made every arm
+    # train slowly (issue 16). Set 0.02 to reproduce GPT-2's init exactly.
+    init_std: float | None = None
     # Not a field (not logged, not in to_dict): the longest sequence the model must take, in
     # multiples of context_length. It sizes what the user left unset (a learned position
     # table's max_len), which then records it.
@@ -78,6 +89,8 @@ class ModelConfig:
         for family in REGISTRIES:
             setattr(self, family, _component(family, getattr(self, family)))
         self.pos_enc.fit(reach * self.context_length)
+        if self.init_std is None:  # resolved here, so the run records the number it used
+            self.init_std = small_init_std(self.d_model)
         self.validate()
 
     # -- construction ---------------------------------------------------------------------
@@ -124,7 +137,10 @@ class ModelConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout!r} must be a number in [0, 1)")
         if not self.init_std > 0:
-            raise ConfigError(f"model.init_std={self.init_std!r} must be a number > 0 (GPT-2: 0.02)")
+            raise ConfigError(
+                f"model.init_std={self.init_std!r} must be a number > 0, or null for "
+                f"sqrt(2 / (5 d_model)) = {small_init_std(self.d_model):.3g} (GPT-2: 0.02)"
+            )
         dims = self.dims
         for family in REGISTRIES:
             getattr(self, family).validate(dims)

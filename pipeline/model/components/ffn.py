@@ -247,8 +247,10 @@ class MoE(nn.Module):
         else:
             h = F.gelu(h, approximate=self.cfg.approximate)
         y = torch._grouped_mm(h.contiguous(), w_out.transpose(1, 2), offs=offs)  # (N*k, d)
-        y = y * gate[:, None].to(bf16)
-        return torch.zeros(flat.shape, dtype=bf16, device=flat.device).index_add_(0, token, y)
+        # Gate and sum of the top-k outputs in the stream's dtype (fp32 under autocast), as the
+        # loop does: summed in bf16 they drifted 2.4% from fp32 (the loop 0.7%) at init 0.079.
+        y = y.to(flat.dtype) * gate[:, None].to(flat.dtype)
+        return torch.zeros_like(flat).index_add_(0, token, y)
 
     def _experts_loop(self, flat: Tensor, token: Tensor, gate: Tensor, counts: Tensor) -> Tensor:
         """The reference: one expert at a time on its group (reads the group sizes on the host)."""

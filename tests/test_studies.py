@@ -64,8 +64,12 @@ def test_study_composes_and_parses(study, budget):
 
 @pytest.mark.parametrize("study", STUDIES)
 def test_every_grid_point_composes(study, tmp_path):
-    """Each trial's overrides compose with the study and pass the run's validation, without
-    training: what the sweeper does before launching a trial."""
+    """Each trial's overrides compose with the study, pass the run's validation (what the
+    sweeper does before launching a trial) and build the run's Lightning trainer with the
+    steps the study set, without training. Building it resolves the trainer node against the
+    whole config: a study's ${levels...} in trainer keys once failed only there, in every trial."""
+    from pipeline.run.runner import make_trainer
+
     cfg, sweeper, space = _sweep(study, "cpu")
     discrete = [d for d in space.dimensions if d.grid is not None]
     import itertools
@@ -76,7 +80,10 @@ def test_every_grid_point_composes(study, tmp_path):
         trial = _compose([f"ablation={study}", "budget=cpu", *point])
         with open_dict(trial):
             del trial["hydra"]
-        validate_config(trial)
+        spec = validate_config(trial)
+        trainer = make_trainer(trial, spec, logger=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
+        assert trainer.max_steps == spec.max_steps == trial.trainer.max_steps
+        assert trainer.val_check_interval == spec.val_check_interval
 
 
 def test_full_grid_has_90_points_on_cpu_and_180_on_gpu():

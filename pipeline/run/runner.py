@@ -193,7 +193,10 @@ def make_trainer(cfg: DictConfig, spec: RunSpec, **kwargs: Any) -> Any:
     used; `kwargs` add the logger, callbacks and, under DDP, the strategy (pipeline.run.ddp)."""
     from hydra.utils import instantiate
 
-    trainer_cfg = OmegaConf.masked_copy(cfg.trainer, [k for k in cfg.trainer if k not in OWN_TRAINER_KEYS])
+    # Resolved in place, against the root: a study may set trainer keys from its own levels
+    # (${levels...}), which a detached copy of the node could not find.
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_cfg = {k: v for k, v in trainer.items() if k not in OWN_TRAINER_KEYS}
     return instantiate(trainer_cfg, val_check_interval=spec.val_check_interval, **kwargs)
 
 

@@ -12,7 +12,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf, open_dict
 
 from hydra_plugins.pipeline_optuna_sweeper import search_space
-from hydra_plugins.pipeline_optuna_sweeper.sweeper import OptunaSweeper
+from hydra_plugins.pipeline_optuna_sweeper.sweeper import OptunaSweeper, calibration
 from pipeline import CONF_DIR
 from pipeline.evaluate.extrapolation import block_length
 from pipeline.model import ModelConfig
@@ -84,6 +84,20 @@ def test_every_grid_point_composes(study, tmp_path):
         trainer = make_trainer(trial, spec, logger=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
         assert trainer.max_steps == spec.max_steps == trial.trainer.max_steps
         assert trainer.val_check_interval == spec.val_check_interval
+
+
+@pytest.mark.parametrize("study", STUDIES)
+def test_calibrate_hook_sees_the_study_resolvable_as_in_a_trial(study):
+    """`make ablate` (WORKERS=auto) runs the study's `calibrate` hook on the sweeper's config
+    before any trial. Extrapolation's ${hydra:runtime.choices.budget} keys once made it fail
+    there: "HydraConfig was not set". The hook here validates as pipeline.run.layout.cpu_layout
+    does, then reports the steps instead of measuring."""
+    steps = _compose([f"ablation={study}", "budget=cpu"]).trainer.max_steps  # as in a trial
+    cfg, _, _ = _sweep(study, "cpu")  # as the sweeper holds it: no HydraConfig set
+    seen = []
+    measure = calibration(cfg, lambda task_cfg, cpus: seen.append(validate_config(task_cfg).max_steps) or (1, cpus), 2)
+    assert measure() == (1, 2) and seen == [steps]
+    assert HydraConfig.instance().cfg is None  # restored after the hook
 
 
 def test_full_grid_has_90_points_on_cpu_and_180_on_gpu():

@@ -7,6 +7,7 @@ process coordinates N worker processes that claim trials from the same study (wo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
@@ -15,7 +16,7 @@ import math
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -317,10 +318,7 @@ class OptunaSweeper(Sweeper):
         cpus = workers_lib.usable_cpus()
         measure = None
         if self.calibrate is not None:
-            task_cfg = copy.deepcopy(self.config)
-            with open_dict(task_cfg):
-                del task_cfg["hydra"]
-            measure = lambda: self.calibrate(task_cfg, cpus)  # noqa: E731
+            measure = calibration(self.config, self.calibrate, cpus)
         slots = workers_lib.plan(
             self.workers, self.threads_per_worker, workers_lib.visible_gpus(), self.slots_per_gpu, cpus, measure
         )
@@ -583,21 +581,42 @@ def check_point(
         return f"config does not compose: {_one_line(e)}"
     if validate is None:
         return None
+    try:
+        with _as_job(cfg) as task_cfg:
+            validate(task_cfg)
+    except Exception as e:
+        return f"{type(e).__name__}: {_one_line(e)}"
+    return None
+
+
+def calibration(
+    config: DictConfig, calibrate: Callable[[DictConfig, int], tuple[int, int]], cpus: int
+) -> Callable[[], tuple[int, int]]:
+    """The `measure` of workers_lib.plan: the study's `calibrate` hook on its task config, with
+    ${hydra:...} resolvable as in a trial (a study may take its steps from its levels that way)."""
+
+    def measure() -> tuple[int, int]:
+        with _as_job(config) as task_cfg:
+            return calibrate(task_cfg, cpus)
+
+    return measure
+
+
+@contextlib.contextmanager
+def _as_job(cfg: DictConfig) -> Iterator[DictConfig]:
+    """The task config of `cfg` (its `hydra` node removed), with HydraConfig set to `cfg` as in
+    a job (hydra.core.utils.run_job), so that ${hydra:...} resolves against this point."""
     from hydra.core.hydra_config import HydraConfig
 
-    # As in a job (hydra.core.utils.run_job): ${hydra:...} resolves against this point.
     saved = HydraConfig.instance().cfg
     HydraConfig.instance().set_config(cfg)
     task_cfg = copy.deepcopy(cfg)
     with open_dict(task_cfg):
         del task_cfg["hydra"]
     try:
-        validate(task_cfg)
-    except Exception as e:
-        return f"{type(e).__name__}: {_one_line(e)}"
+        yield task_cfg
     finally:
         HydraConfig.instance().cfg = saved
-    return None
 
 
 def _shown(storage: str | None) -> str:

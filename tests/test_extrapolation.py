@@ -273,7 +273,7 @@ def real_text_ppl(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[st
     test = torch.from_numpy(splits.test.astype(np.int64))  # held-out documents
     out = {}
     for pos_enc in ("learned", "sinusoidal", "rope", "alibi"):
-        # Every block of the test split (93 of 512 at L = 64): the numbers docs/evaluation.md shows.
+        # Every block of the test split (449 of 512 at L = 64): the numbers docs/evaluation.md shows.
         out[pos_enc] = extrapolation(train_tiny(pos_enc, train), test, [1, 2, 4, 8], None, batch_tokens=8192)
         print(pos_enc, {k: round(v, 2) for k, v in out[pos_enc].items()})
     return out

@@ -105,12 +105,14 @@ def verdict(result: dict[str, Any]) -> list[str]:
     lines = []
     if "total_s" in result:
         minutes = result["total_s"] / 60
-        lines.append(f"study + report: {minutes:.1f} min (target <= {MINUTES_TARGET:.0f}): {_ok(minutes <= 25)}")
+        met = _ok(minutes <= MINUTES_TARGET)
+        lines.append(f"study + report: {minutes:.1f} min (target <= {MINUTES_TARGET:.0f}): {met}")
     over = result["overhead_s"].get("all")
     if over:
         lines.append(
             f"overhead per trial: mean {over['mean']:.2f} s, median {over['median']:.2f} s, max {over['max']:.2f} s "
-            f"(target <= {OVERHEAD_TARGET_S:.0f} s): {_ok(over['median'] <= OVERHEAD_TARGET_S)}"
+            f"(target: median <= {OVERHEAD_TARGET_S:.0f} s; each worker's first trial pays its warm-up): "
+            f"{_ok(over['median'] <= OVERHEAD_TARGET_S)}"
         )
     r = result["ppl_x4_over_x1"]
     if "alibi" in r and "learned" in r:

@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import CONF_DIR
+from pipeline.model.config import small_init_std
 from pipeline.model.families import FAMILIES
 from pipeline.run.spec import INVALID_CONFIG, validate_config
 
@@ -22,6 +23,10 @@ COMPONENT_GROUPS = tuple(f"model/{family}" for family in FAMILIES)
 
 
 def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """The recorded config with `overrides` applied. A new model.d_model re-derives the init the
+    run took by default (sqrt(2 / (5 d_model)), recorded as a number) unless model.init_std is
+    given too: the width changed, and so does the default that followed it."""
+    width = OmegaConf.select(cfg, "model.d_model")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
@@ -38,6 +43,11 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
             OmegaConf.update(
                 cfg, key.lstrip("+"), OmegaConf.from_dotlist([f"x={value}"]).x, force_add=key.startswith("+")
             )
+    new_width = OmegaConf.select(cfg, "model.d_model")
+    given = any(o.partition("=")[0].lstrip("+") == "model.init_std" for o in overrides)
+    default = small_init_std(width) if isinstance(width, int) and width > 0 else None
+    if new_width != width and not given and default is not None and cfg.model.get("init_std") == default:
+        cfg.model.init_std = None  # resolved again for the new width
     return cfg
 
 

@@ -7,17 +7,20 @@ became pre-norm through the Python API and through rerun: one swap changed two f
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
+from omegaconf import OmegaConf
 
 from pipeline import CONF_DIR
 from pipeline.model import ModelConfig
 from pipeline.model.components import REGISTRIES
 from pipeline.model.families import FAMILIES
 from pipeline.model.presets import PRESETS
+from pipeline.rerun import apply_overrides
 from pipeline.run.spec import validate_config
 from pipeline.tracking.schema import Tag
 from tests.helpers.cli import TINY, cli
@@ -100,3 +103,21 @@ def test_rerun_swap_keeps_other_factors(gpt1_run, family: str) -> None:
     assert {k: v for k, v in after.items() if not k.startswith(mine)} == {
         k: v for k, v in before.items() if not k.startswith(mine)
     }
+
+
+@pytest.mark.parametrize(
+    "recorded, overrides, expected",
+    [
+        (math.sqrt(2 / 320), ["model.d_model=128"], math.sqrt(2 / 640)),  # the default follows the width
+        (math.sqrt(2 / 320), ["model.d_model=128", "model.init_std=0.05"], 0.05),  # unless given
+        (0.02, ["model.d_model=128"], 0.02),  # a chosen init stays
+        (math.sqrt(2 / 320), ["seed=1"], math.sqrt(2 / 320)),  # same width: the run's own number
+    ],
+)
+def test_rerun_at_another_width_rederives_the_default_init(recorded, overrides, expected) -> None:
+    """config.yaml records the init a run used as a number; a rerun that changes d_model gets
+    the width's default again, as a fresh run would, unless the init was set or given."""
+    recorded_cfg = OmegaConf.create({"seed": 0, "model": {"d_model": 64, "n_heads": 4, "init_std": recorded}})
+    cfg = apply_overrides(recorded_cfg, overrides)
+    model = ModelConfig.from_dict(OmegaConf.to_container(cfg.model))
+    assert model.init_std == pytest.approx(expected)

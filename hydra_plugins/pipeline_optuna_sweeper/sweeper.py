@@ -596,7 +596,8 @@ def calibration(
     ${hydra:...} resolvable as in a trial (a study may take its steps from its levels that way)."""
 
     def measure() -> tuple[int, int]:
-        with _as_job(config) as task_cfg:
+        # A copy: HydraConfig.set_config marks the hydra node of what it is given read-only.
+        with _as_job(copy.deepcopy(config)) as task_cfg:
             return calibrate(task_cfg, cpus)
 
     return measure
@@ -609,11 +610,11 @@ def _as_job(cfg: DictConfig) -> Iterator[DictConfig]:
     from hydra.core.hydra_config import HydraConfig
 
     saved = HydraConfig.instance().cfg
-    HydraConfig.instance().set_config(cfg)
-    task_cfg = copy.deepcopy(cfg)
-    with open_dict(task_cfg):
-        del task_cfg["hydra"]
     try:
+        HydraConfig.instance().set_config(cfg)
+        task_cfg = copy.deepcopy(cfg)
+        with open_dict(task_cfg):
+            del task_cfg["hydra"]
         yield task_cfg
     finally:
         HydraConfig.instance().cfg = saved

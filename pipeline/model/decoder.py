@@ -73,7 +73,7 @@ class DecoderLM(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """N(0, 0.02) weights; residual output projections scaled by 1/sqrt(2L) (GPT-2); token
+        """N(0, init_std) weights; residual output projections scaled by 1/sqrt(2L) (GPT-2); token
         embeddings as the positional encoding asks (sinusoidal: unit RMS after its sqrt(d) scale)."""
         std = self.cfg.init_std
         for name, p in self.named_parameters():

@@ -40,6 +40,7 @@ def architecture(params: dict[str, Any]) -> dict[str, str]:
 
 def describe(arch: dict[str, str]) -> str:
     keys = ("model.pos_enc.name", "model.norm.name", "model.attention.name", "model.ffn.name", "model.d_model")
+    keys += ("model.init_std",)  # runs before the width-aware default (0.02) tuned another init
     return "/".join(arch.get(k, "?") for k in keys)
 
 

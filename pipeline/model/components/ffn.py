@@ -198,8 +198,8 @@ class MoE(nn.Module):
         # Experts stacked: w_in (E, [gate; up] or up, d), w_out (E, d, hidden).
         self.w_in = nn.Parameter(torch.empty(E, (2 if self.gated else 1) * hidden, d_model))
         self.w_out = nn.Parameter(torch.empty(E, d_model, hidden))
-        nn.init.normal_(self.w_in, std=0.02)
-        nn.init.normal_(self.w_out, std=0.02)
+        nn.init.normal_(self.w_in, std=0.02)  # for the layer on its own; DecoderLM.reset_parameters
+        nn.init.normal_(self.w_out, std=0.02)  # re-draws both with model.init_std
         self.stats: MoEStats | None = None
 
     def expert(self, e: int, x: Tensor) -> Tensor:

@@ -27,10 +27,12 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     run took by default (sqrt(2 / (5 d_model)), recorded as a number) unless model.init_std is
     given too: the width changed, and so does the default that followed it."""
     width = OmegaConf.select(cfg, "model.d_model")
+    given = set()
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"override '{item}' is not key=value")
+        given.add(key.lstrip("+"))
         if "/" in key:
             if key not in COMPONENT_GROUPS:
                 raise ValueError(f"rerun can swap only component groups ({', '.join(COMPONENT_GROUPS)}); got '{key}'")
@@ -43,10 +45,8 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
             OmegaConf.update(
                 cfg, key.lstrip("+"), OmegaConf.from_dotlist([f"x={value}"]).x, force_add=key.startswith("+")
             )
-    new_width = OmegaConf.select(cfg, "model.d_model")
-    given = any(o.partition("=")[0].lstrip("+") == "model.init_std" for o in overrides)
-    default = small_init_std(width) if isinstance(width, int) and width > 0 else None
-    if new_width != width and not given and default is not None and cfg.model.get("init_std") == default:
+    resized = OmegaConf.select(cfg, "model.d_model") != width and isinstance(width, int) and width > 0
+    if resized and "model.init_std" not in given and cfg.model.get("init_std") == small_init_std(width):
         cfg.model.init_std = None  # resolved again for the new width
     return cfg
 

@@ -24,7 +24,7 @@ from tests.helpers.cli import TINY
 # about a module missing here (pytest_collection_modifyitems below).
 SHARED_FIXTURE_MODULES = frozenset(
     {
-        "tests/test_cpu_budget.py",  # four runs at the CPU budget (slow)
+        "tests/test_cpu_budget.py",  # six runs at the CPU budget (slow)
         "tests/test_data.py",  # the embedded corpus, tokenized
         "tests/test_ddp.py",  # a run in 1 and in 2 processes (slow)
         "tests/test_extrapolation.py",  # four models trained on real text (slow)
